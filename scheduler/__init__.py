@@ -1,0 +1,1 @@
+"""The scheduler process (installed as ``srt.scheduler``): batching, prefix cache, model worker."""

@@ -1,0 +1,64 @@
+"""The prefix cache used with ``--disable-radix-cache``: nothing is shared.
+
+Every request computes its whole prompt and keeps its own KV slots until it finishes,
+then frees them all. The interface is ``RadixCache``'s, so the scheduler has one code
+path: ``match_prefix`` finds nothing, ``insert`` takes nothing (it returns the full
+length, so a caller freeing its duplicates ``kv_slots[:n]`` frees everything), and the
+tree has no tokens to lock, evict or flush.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from srt.mem_pool import KVSlotAllocator
+from srt.scheduler.radix_cache import MatchResult, TreeNode
+
+
+class ChunkCache:
+    """A cache that caches nothing; every slot stays with the request that allocated it."""
+
+    def __init__(self, allocator: KVSlotAllocator) -> None:
+        self.allocator = allocator
+        empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
+        # One parentless node stands for "no prefix"; locking it is a no-op.
+        self._no_prefix = TreeNode([], empty)
+
+    def match_prefix(self, token_ids: list[int]) -> MatchResult:
+        """Always the empty match."""
+        return MatchResult(self._no_prefix.value, self._no_prefix)
+
+    def insert(self, token_ids: list[int], kv_slots: torch.Tensor) -> int:
+        """Take nothing: returns ``len(token_ids)``, so all of ``kv_slots`` stays with the caller."""
+        if len(kv_slots) != len(token_ids):
+            raise ValueError(f"{len(token_ids)} tokens but {len(kv_slots)} KV slots")
+        return len(token_ids)
+
+    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> None:
+        """A request is done: free all its slots."""
+        self.allocator.free(kv_slots)
+
+    def cache_unfinished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> MatchResult:
+        """A request computed a prefill chunk: it keeps its slots, returned as the match."""
+        return MatchResult(kv_slots, self._no_prefix)
+
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        pass
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        pass
+
+    def evict(self, num_tokens: int) -> int:
+        return 0
+
+    def evictable_size(self) -> int:
+        return 0
+
+    def protected_size(self) -> int:
+        return 0
+
+    def total_size(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        pass

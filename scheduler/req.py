@@ -1,0 +1,53 @@
+"""Req: one generation request as the scheduler tracks it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from srt.sampling_params import SamplingParams
+
+
+@dataclass
+class Req:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: list[int]  # EOS ids (unless ignore_eos) and stop_token_ids
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: dict[str, Any] | None = None
+
+    # KV state: the first ``kv_len`` tokens of ``fill_ids`` have K/V at
+    # req_to_token[req_pool_idx, :kv_len]; ``prefix_node`` is the locked radix node.
+    req_pool_idx: int | None = None
+    kv_len: int = 0
+    prefix_node: Any = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    admitted: bool = False
+
+    # Per-step scratch set by the scheduler when the request joins a batch.
+    extend_len: int = 0
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose K/V the request needs: prompt plus output so far."""
+        return self.input_ids + self.output_ids
+
+    @property
+    def pending_len(self) -> int:
+        """Tokens whose K/V is not computed yet: the prompt (or what a chunk left) before
+        prefill, exactly one (the last sampled token) while decoding."""
+        return len(self.input_ids) + len(self.output_ids) - self.kv_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def remaining_new_tokens(self) -> int:
+        return self.params.max_new_tokens - len(self.output_ids)

@@ -1,0 +1,43 @@
+"""ForwardBatch: everything one model forward needs, built once per step by the model runner.
+
+The batch is one packed ragged sequence: request ``i`` contributes ``extend_lens[i]``
+new tokens (a whole or chunked prompt, or one decode token) whose K/V go to
+``out_cache_loc``, and attends over its ``prefix_lens[i]`` cached tokens plus those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from srt.mem_pool import KVCache
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, absolute positions in each request
+    out_cache_loc: torch.Tensor  # [T] KV slots of the new tokens
+    req_pool_indices: torch.Tensor  # [B] rows of req_to_token
+    seq_lens: torch.Tensor  # [B] prefix + new tokens
+    prefix_lens: list[int]  # [B] tokens already in the KV cache
+    extend_lens: list[int]  # [B] new tokens this forward
+    req_to_token: torch.Tensor  # [max_requests, max_context_len]
+    kv_cache: KVCache
+    attn_metadata: Any = field(default=None)  # prepared by the attention backend, shared by all layers
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.extend_lens)
+
+    @property
+    def last_token_indices(self) -> torch.Tensor:
+        """Row in the packed sequence of each request's last new token (where its logits come from)."""
+        ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
+        return ends.to(self.input_ids.device)

