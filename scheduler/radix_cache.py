@@ -129,6 +129,8 @@ class RadixCache:
         the slots of the match that returned it. Afterwards the request owns no slots.
         """
         present = self.insert(token_ids, kv_slots)
+        # kv_slots[:depth] were lent by the tree (last_node ends where that match
+        # ended); the request's own slots from there up to `present` are duplicates.
         self.allocator.free(kv_slots[_depth(last_node) : present])
         self.dec_lock_ref(last_node)
 
@@ -141,7 +143,7 @@ class RadixCache:
         must use from now on (they replace the ones it passed in).
         """
         present = self.insert(token_ids, kv_slots)
-        self.allocator.free(kv_slots[_depth(last_node) : present])
+        self.allocator.free(kv_slots[_depth(last_node) : present])  # as in cache_finished
         match = self.match_prefix(token_ids)
         # Lock the new node before unlocking the old one, so shared ancestors stay locked.
         self.inc_lock_ref(match.last_node)

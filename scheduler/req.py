@@ -30,6 +30,7 @@ class Req:
     prefix_node: Any = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
+    announced: bool = False  # the detokenizer has had this request's DetokInit
 
     # Per-step scratch set by the scheduler when the request joins a batch.
     extend_len: int = 0

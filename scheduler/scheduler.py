@@ -16,7 +16,8 @@ import time
 import torch
 
 from srt.forward_batch import ForwardBatch
-from srt.messages import InternalState, ReqOutput, TokenizedGenerateReq
+from srt.detokenizer.incremental import CONTEXT_TOKENS
+from srt.messages import DetokInit, InternalState, ReqOutput, TokenizedGenerateReq
 from srt.model_runner import ModelRunner
 from srt.sampler import SamplingBatch, SamplingRequest, sample, token_logprobs
 from srt.sampling_params import SamplingParams
@@ -86,7 +87,7 @@ class Scheduler:
             if any(not 0 <= t < self.vocab_size for t in msg.input_ids):
                 raise ValueError(f"input_ids must be in [0, {self.vocab_size})")
         except (ValueError, TypeError) as e:
-            return ReqOutput(msg.rid, [], {"type": "abort", "message": str(e), "status_code": 400}, len(msg.input_ids), 0, 0)
+            return ReqOutput(msg.rid, [], {"type": "abort", "message": str(e), "status_code": 400}, len(msg.input_ids), 0, 0, detok_init=DetokInit([], [], True, True, False))
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
         req = Req(msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num)
@@ -363,6 +364,13 @@ class Scheduler:
         return next((s for s in req.params.stop if s in tail), None)
 
     def _output(self, req: Req, new_ids: list[int]) -> ReqOutput:
+        detok_init = None
+        if not req.announced:
+            req.announced = True
+            p = req.params
+            detok_init = DetokInit(
+                req.input_ids[-CONTEXT_TOKENS:], p.stop, p.skip_special_tokens, p.spaces_between_special_tokens, p.no_stop_trim
+            )
         return ReqOutput(
             rid=req.rid,
             new_token_ids=new_ids,
@@ -370,6 +378,7 @@ class Scheduler:
             prompt_tokens=len(req.input_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens,
+            detok_init=detok_init,
         )
 
     # ---- logging -----------------------------------------------------------------------

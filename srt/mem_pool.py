@@ -83,6 +83,10 @@ class KVCache:
         # torch.empty: on CPU the pages are only touched when tokens are written.
         self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Padded gathers read slot 0 under a mask; masked scores vanish, but 0 x NaN from
+        # uninitialised memory would not, so the padding slot holds zeros.
+        for buffer in (*self.k_buffers, *self.v_buffers):
+            buffer[0].zero_()
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` of shape ``[tokens, kv_heads, head_dim]`` at ``slots``."""

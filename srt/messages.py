@@ -49,6 +49,17 @@ class InternalState:
 
 
 @dataclass
+class DetokInit:
+    """What the detokenizer needs to know about a request, sent with its first output."""
+
+    prompt_tail: list[int]  # the last prompt tokens, decoding context for the first output token
+    stop: list[str]
+    skip_special_tokens: bool
+    spaces_between_special_tokens: bool
+    no_stop_trim: bool
+
+
+@dataclass
 class ReqOutput:
     """What one request gained in one scheduler step."""
 
@@ -60,10 +71,14 @@ class ReqOutput:
     cached_tokens: int
     logprobs: list[float] = field(default_factory=list)  # one per new token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per new token
+    detok_init: DetokInit | None = None
+    text: str = ""  # filled in by the detokenizer: new text since the last output
 
 
 @dataclass
 class BatchTokenOut:
+    """Scheduler to detokenizer: token ids. Detokenizer to TokenizerManager: the same, with text."""
+
     outputs: list[ReqOutput]
 
 
@@ -80,6 +95,7 @@ _TYPES: dict[str, type] = {
         FlushCacheReq,
         GetInternalStateReq,
         InternalState,
+        DetokInit,
         ReqOutput,
         BatchTokenOut,
         FlushCacheDone,

@@ -137,9 +137,12 @@ def _filter(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         ranks = torch.arange(probs.shape[-1], device=probs.device)
         drop |= ranks[None, :] >= batch.top_ks[:, None]
     if batch.top_ps is not None:
-        # Keep a token while the mass before it is below top_p (the top token always stays).
+        # Keep a token while the mass before it is below top_p (the top token always stays): the
+        # smallest nucleus reaching top_p. Rows with top_p = 1 keep everything, whatever float
+        # rounding in the cumulative sum says, so a row samples the same in any batch.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop |= mass_before > batch.top_ps[:, None] * sorted_probs.sum(dim=-1, keepdim=True)
+        outside = mass_before >= batch.top_ps[:, None] * sorted_probs.sum(dim=-1, keepdim=True)
+        drop |= outside & (batch.top_ps < 1)[:, None]
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
@@ -176,10 +179,10 @@ def token_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top_n: list[int
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1).tolist()
     top: list[list[tuple[int, float]]] = [[] for _ in top_n]
-    k = max(top_n, default=0)
+    k = min(max(top_n, default=0), logits.shape[-1])  # asking for more than the vocabulary gives all of it
     if k > 0:
         values, ids = logprobs.topk(k, dim=-1)
         values, ids = values.tolist(), ids.tolist()
         for i, n in enumerate(top_n):
-            top[i] = list(zip(ids[i][:n], values[i][:n]))
+            top[i] = list(zip(ids[i][: max(n, 0)], values[i][: max(n, 0)]))
     return TokenLogprobs(chosen, top)

@@ -41,12 +41,15 @@ class SamplingParams:
         for key in ("stop", "stop_token_ids"):
             if values.get(key) is None:
                 values.pop(key, None)
-        if values.get("logit_bias"):
-            values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
-        elif "logit_bias" in values:
-            values.pop("logit_bias")
-        params = cls(**values)
-        params.validate()
+        try:
+            if values.get("logit_bias"):
+                values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
+            elif "logit_bias" in values:
+                values.pop("logit_bias")
+            params = cls(**values)
+            params.validate()
+        except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. temperature: "hot"
+            raise ValueError(f"invalid sampling parameters: {e}") from e
         return params
 
     @property

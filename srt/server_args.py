@@ -87,8 +87,9 @@ class ServerArgs:
         require(self.context_length is None or self.context_length > 0, "context_length must be positive")
         require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
         require(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)")
+        hints = typing.get_type_hints(type(self))  # f.type is a string under `from __future__ import annotations`
         for f in dataclasses.fields(self):
-            choices = _literal_choices(f.type)
+            choices = _literal_choices(hints[f.name])
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
 
@@ -145,11 +146,7 @@ def load_yaml_config(path: str) -> dict[str, Any]:
 
 
 def _literal_choices(kind: Any) -> tuple | None:
-    if isinstance(kind, str):
-        return None
-    if get_origin(kind) is Literal:
-        return get_args(kind)
-    return None
+    return get_args(kind) if get_origin(kind) is Literal else None
 
 
 def _scalar_type(kind: Any) -> type:
@@ -163,7 +160,9 @@ def _scalar_type(kind: Any) -> type:
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     """Check (and gently convert) a value from YAML or Python against its field type."""
     if value is None:
-        return None
+        if type(None) in get_args(kind):
+            return None
+        raise ValueError(f"{name} must not be null")
     target = _scalar_type(kind)
     if target is bool:
         if isinstance(value, bool):

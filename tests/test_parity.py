@@ -93,5 +93,5 @@ def test_model_without_attention_backend_is_refused(tmp_path):
     from tiny_models import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="BloomForCausalLM does not route its attention"):
+    with pytest.raises(RuntimeError, match="BloomForCausalLM does not route its attention"):
         srt.Engine(model_path=str(tmp_path), max_total_tokens=64)

@@ -1,0 +1,89 @@
+"""The scheduler process: ``recv → dispatch → step → send`` around one Scheduler.
+
+An idle scheduler blocks on its socket; a busy one only polls between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing.connection import Connection
+
+import torch
+import zmq
+from transformers import AutoTokenizer
+
+from srt.device import resolve_device
+from srt.distributed import init_tp_group
+from srt.ipc import IpcEndpoints, Receiver, Sender
+from srt.messages import (
+    AbortReq,
+    BatchTokenOut,
+    FlushCacheDone,
+    FlushCacheReq,
+    GetInternalStateReq,
+    TokenizedGenerateReq,
+)
+from srt.model_runner import ModelRunner
+from srt.scheduler.scheduler import Scheduler
+from srt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def run_scheduler(
+    server_args: ServerArgs,
+    model_path: str,
+    tokenizer_path: str,
+    endpoints: IpcEndpoints,
+    tp_rank: int,
+    dist_init_method: str,
+    num_threads: int,
+    ready: Connection,
+) -> None:
+    torch.set_num_threads(num_threads)
+    gpu_id = server_args.base_gpu_id + tp_rank
+    init_tp_group(tp_rank, server_args.tp_size, resolve_device(server_args.device, gpu_id), dist_init_method)
+    runner = ModelRunner(server_args, model_path, gpu_id=gpu_id)
+    tokenizer = None if server_args.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+        tokenizer_path, trust_remote_code=server_args.trust_remote_code
+    )
+    scheduler = Scheduler(server_args, runner, tokenizer)
+    context = zmq.Context()
+    inbox = Receiver(context, endpoints.scheduler_input)
+    outbox = Sender(context, endpoints.detokenizer_input)
+    ready.send(
+        {
+            "status": "ready",
+            "max_total_tokens": runner.plan.max_total_tokens,
+            "max_req_input_len": scheduler.max_req_input_len,
+            "context_length": scheduler.context_length,
+            "vocab_size": scheduler.vocab_size,
+        }
+    )
+    logger.info("scheduler rank %d ready", tp_rank)
+    while True:
+        messages = inbox.recv_all() if scheduler.has_work() else [inbox.recv()]
+        outputs = []
+        for msg in messages:
+            reply = _dispatch(scheduler, msg)
+            if isinstance(reply, list):
+                outputs.extend(reply)
+            elif reply is not None:
+                outbox.send(reply)
+        outputs.extend(scheduler.step())
+        if outputs:
+            outbox.send(BatchTokenOut(outputs))
+
+
+def _dispatch(scheduler: Scheduler, msg):
+    if isinstance(msg, TokenizedGenerateReq):
+        error = scheduler.add_request(msg)
+        return [error] if error is not None else None
+    if isinstance(msg, AbortReq):
+        out = scheduler.abort(msg.rid)
+        return [out] if out is not None else None
+    if isinstance(msg, FlushCacheReq):
+        return FlushCacheDone(scheduler.flush_cache())
+    if isinstance(msg, GetInternalStateReq):
+        return scheduler.internal_state()
+    raise TypeError(f"scheduler got an unexpected message {type(msg).__name__}")

@@ -1,0 +1,91 @@
+"""ZeroMQ PUSH/PULL channels between the processes, carrying ``srt.messages`` dataclasses.
+
+Endpoints are ``ipc://`` paths in a private temporary directory; high-water marks are
+off so that a burst of requests is never dropped or blocks the sender.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from srt.messages import decode, encode
+
+
+@dataclass
+class IpcEndpoints:
+    """Where each process listens."""
+
+    scheduler_input: str  # TokenizerManager → scheduler rank 0
+    detokenizer_input: str  # scheduler rank 0 → detokenizer
+    tokenizer_input: str  # detokenizer → TokenizerManager
+
+    @classmethod
+    def in_new_dir(cls) -> tuple["IpcEndpoints", str]:
+        directory = tempfile.mkdtemp(prefix="srt-ipc-")
+        os.chmod(directory, 0o700)
+        names = {name: f"ipc://{os.path.join(directory, name)}" for name in ("scheduler", "detokenizer", "tokenizer")}
+        return cls(names["scheduler"], names["detokenizer"], names["tokenizer"]), directory
+
+
+def _socket(context: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    if bind:
+        sock.bind(endpoint)
+    else:
+        sock.connect(endpoint)
+    return sock
+
+
+class Receiver:
+    """The PULL end a process binds to its own endpoint."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.sock = _socket(context, zmq.PULL, endpoint, bind=True)
+
+    def recv(self, timeout_ms: int | None = None) -> Any | None:
+        """The next message, or None after ``timeout_ms`` (None: wait for ever; 0: do not wait)."""
+        if timeout_ms is not None and not self.sock.poll(timeout_ms):
+            return None
+        return decode(self.sock.recv())
+
+    def recv_all(self) -> list[Any]:
+        """Every message that has arrived, without waiting."""
+        messages = []
+        while self.sock.poll(0):
+            messages.append(decode(self.sock.recv()))
+        return messages
+
+
+class Sender:
+    """The PUSH end connected to another process's endpoint."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.sock = _socket(context, zmq.PUSH, endpoint, bind=False)
+
+    def send(self, message: Any) -> None:
+        self.sock.send(encode(message))
+
+
+class AsyncReceiver:
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+        self.sock = _socket(context, zmq.PULL, endpoint, bind=True)
+
+    async def recv(self) -> Any:
+        return decode(await self.sock.recv())
+
+
+class AsyncSender:
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str) -> None:
+        self.sock = _socket(context, zmq.PUSH, endpoint, bind=False)
+
+    async def send(self, message: Any) -> None:
+        await self.sock.send(encode(message))
