@@ -29,7 +29,7 @@ test: install
 	$(VENV)/bin/pytest -q
 
 serve: install
-	$(PY) scripts/engine_demo.py
+	$(PY) -m srt.launch --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

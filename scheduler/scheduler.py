@@ -20,7 +20,7 @@ from srt.detokenizer.incremental import CONTEXT_TOKENS
 from srt.messages import DetokInit, InternalState, ReqOutput, TokenizedGenerateReq
 from srt.model_runner import ModelRunner
 from srt.sampler import SamplingBatch, SamplingRequest, sample, token_logprobs
-from srt.sampling_params import SamplingParams
+from srt.sampling_params import check_generate_request
 from srt.scheduler.chunk_cache import ChunkCache
 from srt.scheduler.policy import order_waiting
 from srt.scheduler.radix_cache import RadixCache
@@ -76,17 +76,10 @@ class Scheduler:
     def add_request(self, msg: TokenizedGenerateReq) -> ReqOutput | None:
         """Queue a request; an invalid one is answered at once with an ``abort`` finish reason."""
         try:
-            params = SamplingParams.from_dict(msg.sampling_params)
-            params.validate(self.vocab_size)
-            if not msg.input_ids:
-                raise ValueError("the prompt is empty")
-            if len(msg.input_ids) > self.max_req_input_len:
-                raise ValueError(
-                    f"the prompt has {len(msg.input_ids)} tokens; at most {self.max_req_input_len} fit this server"
-                )
-            if any(not 0 <= t < self.vocab_size for t in msg.input_ids):
-                raise ValueError(f"input_ids must be in [0, {self.vocab_size})")
-        except (ValueError, TypeError) as e:
+            params = check_generate_request(
+                msg.input_ids, msg.sampling_params, self.vocab_size, self.max_req_input_len, self.context_length
+            )
+        except ValueError as e:
             return ReqOutput(msg.rid, [], {"type": "abort", "message": str(e), "status_code": 400}, len(msg.input_ids), 0, 0, detok_init=DetokInit([], [], True, True, False))
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)

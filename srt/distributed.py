@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 class TPGroup:
     rank: int = 0
     size: int = 1
+    cpu_group: object = None  # gloo group for control messages, whatever the model's backend
 
 
 _tp = TPGroup()
@@ -31,7 +32,10 @@ def init_tp_group(rank: int, size: int, device: torch.device, init_method: str) 
     if size == 1:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=size)
+    _tp.cpu_group = dist.new_group(backend="gloo")
     logger.info("rank %d/%d joined the %s group", rank, size, backend)
 
 
@@ -56,6 +60,20 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_tp.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=dim)
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """Rank 0's ``data`` on every rank (others pass None), over the gloo control group."""
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=_tp.cpu_group)
+    buffer = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data is not None
+        else torch.empty(int(size.item()), dtype=torch.uint8)
+    )
+    if buffer.numel():
+        dist.broadcast(buffer, src=0, group=_tp.cpu_group)
+    return data if data is not None else buffer.numpy().tobytes()
 
 
 def destroy_tp_group() -> None:

@@ -21,16 +21,20 @@ from srt.messages import decode, encode
 class IpcEndpoints:
     """Where each process listens."""
 
-    scheduler_input: str  # TokenizerManager → scheduler rank 0
-    detokenizer_input: str  # scheduler rank 0 → detokenizer
+    scheduler_inputs: list[str]  # TokenizerManager → rank 0 of each data-parallel replica
+    detokenizer_input: str  # every replica's rank 0 → detokenizer
     tokenizer_input: str  # detokenizer → TokenizerManager
 
     @classmethod
-    def in_new_dir(cls) -> tuple["IpcEndpoints", str]:
+    def in_new_dir(cls, dp_size: int = 1) -> tuple["IpcEndpoints", str]:
         directory = tempfile.mkdtemp(prefix="srt-ipc-")
         os.chmod(directory, 0o700)
-        names = {name: f"ipc://{os.path.join(directory, name)}" for name in ("scheduler", "detokenizer", "tokenizer")}
-        return cls(names["scheduler"], names["detokenizer"], names["tokenizer"]), directory
+
+        def endpoint(name: str) -> str:
+            return f"ipc://{os.path.join(directory, name)}"
+
+        schedulers = [endpoint(f"scheduler-{i}") for i in range(dp_size)]
+        return cls(schedulers, endpoint("detokenizer"), endpoint("tokenizer")), directory
 
 
 def _socket(context: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:

@@ -72,14 +72,14 @@ class KVCache:
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
+        v_head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        v_head_dim: int | None = None,
     ) -> None:
         self.size = size
         self.dtype = dtype
         shape = (size + 1, num_kv_heads, head_dim)
-        v_shape = (size + 1, num_kv_heads, v_head_dim or head_dim)
+        v_shape = (size + 1, num_kv_heads, v_head_dim)
         # torch.empty: on CPU the pages are only touched when tokens are written.
         self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -94,5 +94,5 @@ class KVCache:
         self.v_buffers[layer][slots] = v.to(self.dtype)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, v_head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * num_kv_heads * (head_dim + v_head_dim) * torch.empty((), dtype=dtype).element_size()

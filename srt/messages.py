@@ -47,6 +47,16 @@ class InternalState:
     num_retractions: int
     cache_hit_rate: float
 
+    @classmethod
+    def combine(cls, states: list["InternalState"]) -> "InternalState":
+        """Counts summed over data-parallel replicas; the hit rate averaged."""
+        if len(states) == 1:
+            return states[0]
+        summed = {
+            f.name: sum(getattr(s, f.name) for s in states) for f in dataclasses.fields(cls) if f.name != "cache_hit_rate"
+        }
+        return cls(**summed, cache_hit_rate=sum(s.cache_hit_rate for s in states) / len(states))
+
 
 @dataclass
 class DetokInit:

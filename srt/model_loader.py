@@ -36,10 +36,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelShape:
-    """What the KV cache and scheduler need to know about a model (per TP rank)."""
+    """What the scheduler needs to know about a model (KV shapes are probed from the model itself)."""
 
-    num_layers: int
-    num_kv_heads: int
+    num_attention_heads: int
+    num_kv_heads: int  # in the checkpoint, all ranks together
     head_dim: int
     vocab_size: int
     context_length: int
@@ -61,12 +61,14 @@ def model_shape(config: PretrainedConfig, context_length: int | None = None) -> 
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    if kv_heads % tp_size():
-        raise ValueError(f"num_key_value_heads={kv_heads} is not divisible by tp_size={tp_size()}")
+    if heads % tp_size():
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tp_size={tp_size()}")
+    if kv_heads % tp_size() and tp_size() % kv_heads:
+        raise ValueError(f"num_key_value_heads={kv_heads} neither divides nor is divisible by tp_size={tp_size()}")
     max_positions = getattr(text, "max_position_embeddings", None) or 2048
     return ModelShape(
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=kv_heads // tp_size(),
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=text.vocab_size,
         context_length=context_length or max_positions,
@@ -93,7 +95,7 @@ def load_model(
             "(_supports_attention_backend is False), so srt cannot serve it"
         )
     model.config._attn_implementation = ATTENTION_NAME
-    apply_tp_plan(model, dtype, device)
+    apply_tp_plan(model, dtype, device, model_shape(config))
     _materialize(model, device)
     load_weights(model, model_path)
     return model.eval()
@@ -102,7 +104,7 @@ def load_model(
 # ---- tensor parallelism ---------------------------------------------------------------
 
 
-def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device, shape: ModelShape) -> None:
     """Swap every linear / embedding that the model's TP plan names for its parallel twin.
 
     Linears the plan does not name stay replicated. With one rank the swap still
@@ -116,7 +118,7 @@ def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
         if module is lm_head:
             continue  # vocab-parallel below, sharded like the embedding so tied weights agree
         style = next((s for pattern, s in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
-        replacement = _parallel_twin(module, style, dtype, device)
+        replacement = _parallel_twin(module, style, dtype, device, shape)
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, replacement)
@@ -124,7 +126,9 @@ def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
         model.set_output_embeddings(_lm_head(lm_head, dtype, device))
 
 
-def _parallel_twin(module: nn.Module, style: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module | None:
+def _parallel_twin(
+    module: nn.Module, style: str | None, dtype: torch.dtype, device: torch.device, shape: ModelShape
+) -> nn.Module | None:
     if isinstance(module, nn.Embedding) and style is not None and style.startswith("embedding"):
         return VocabParallelEmbedding(
             module.num_embeddings, module.embedding_dim, dtype, device, embed_scale=getattr(module, "embed_scale", None)
@@ -134,7 +138,15 @@ def _parallel_twin(module: nn.Module, style: str | None, dtype: torch.dtype, dev
     args = (module.in_features, module.out_features, module.bias is not None, dtype, device)
     if style in ("colwise", "local_colwise", "colwise_gather_output", "packed_colwise", "colwise_rep"):
         gather = style in ("colwise_gather_output", "colwise_rep")
-        return ColumnParallelLinear(*args, gather_output=gather, packed=2 if style == "packed_colwise" else 1)
+        # A K or V projection (recognised by its size) with fewer KV heads than ranks:
+        # each head is replicated over tp_size / kv_heads ranks.
+        kv_replicated = shape.num_kv_heads < tp_size() and module.out_features == shape.num_kv_heads * shape.head_dim
+        return ColumnParallelLinear(
+            *args,
+            gather_output=gather,
+            packed=2 if style == "packed_colwise" else 1,
+            num_shards=shape.num_kv_heads if kv_replicated and not gather else None,
+        )
     if style in ("rowwise", "local_rowwise", "rowwise_split_input", "packed_rowwise", "rowwise_rep"):
         return RowParallelLinear(
             *args, input_is_parallel=style != "rowwise_split_input", packed=2 if style == "packed_rowwise" else 1

@@ -57,22 +57,16 @@ class ModelRunner:
             self.device,
             time.perf_counter() - start,
         )
+        self.kv_shape = self._probe_kv_shape()
         self.plan = self._plan_memory()
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
         self.allocator = KVSlotAllocator(self.plan.max_total_tokens, self.device)
-        self.kv_cache = KVCache(
-            self.plan.max_total_tokens,
-            self.shape.num_layers,
-            self.shape.num_kv_heads,
-            self.shape.head_dim,
-            self.kv_dtype,
-            self.device,
-        )
+        self.kv_cache = KVCache(self.plan.max_total_tokens, *self.kv_shape, self.kv_dtype, self.device)
         self.backend = attention_backend_for(server_args.attention_backend, self.device)
 
     def _plan_memory(self) -> MemoryPlan:
         args = self.server_args
-        per_token = KVCache.bytes_per_token(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim, self.kv_dtype)
+        per_token = KVCache.bytes_per_token(*self.kv_shape, self.kv_dtype)
         fraction = args.mem_fraction_static or devices.default_mem_fraction(self.device)
         budget_tokens = devices.kv_budget_bytes(self.device, fraction) // per_token
         max_total = min(budget_tokens, args.max_total_tokens) if args.max_total_tokens else budget_tokens
@@ -97,6 +91,24 @@ class ModelRunner:
         return MemoryPlan(max_total, running, context)
 
     @torch.inference_mode()
+    def _probe_kv_shape(self) -> tuple[int, int, int, int]:
+        """(layers, kv heads, head dim, v head dim) of this rank, as the model really produces them.
+
+        One token goes through the model with a cache that only records shapes, so TP
+        plans that shard, replicate or gather K/V need no special cases here.
+        """
+        probe = _KVShapeProbe()
+        one = torch.zeros(1, dtype=torch.int64, device=self.device)
+        batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), probe)  # type: ignore[arg-type]
+        with forward_context(batch, probe):
+            self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
+        shapes = set(probe.shapes.values())
+        if len(shapes) != 1 or sorted(probe.shapes) != list(range(len(probe.shapes))):
+            raise ValueError(f"layers with different K/V shapes are not supported: {probe.shapes}")
+        kv_heads, head_dim, v_head_dim = shapes.pop()
+        return len(probe.shapes), kv_heads, head_dim, v_head_dim
+
+    @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits ``[B, vocab]`` at each request's last new token."""
         with forward_context(batch, self.backend):
@@ -107,6 +119,22 @@ class ModelRunner:
                 logits_to_keep=batch.last_token_indices,
             )
         return out.logits[0].float()
+
+
+class _KVShapeProbe:
+    """Stands in for both the KV cache and the attention backend during ``_probe_kv_shape``."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[int, tuple[int, int, int]] = {}
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.shapes[layer] = (k.shape[1], k.shape[2], v.shape[2])
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        pass
+
+    def forward(self, q: torch.Tensor, layer: int, batch: ForwardBatch, *_) -> torch.Tensor:
+        return q.new_zeros(q.shape[0], q.shape[1], self.shapes[layer][2])
 
 
 def _generation_config(model_path: str) -> GenerationConfig | None:

@@ -30,26 +30,37 @@ _READY_TIMEOUT_S = 600
 
 
 class Runtime:
+    """Every process of this node. Node 0 (the head) also runs the detokenizer and the
+    TokenizerManager; other nodes (``--nnodes``) run only their scheduler ranks."""
+
     def __init__(self, server_args: ServerArgs) -> None:
         self.server_args = server_args
+        self.is_head = server_args.node_rank == 0
         self.model_path = resolve_model_path(server_args.model_path)
         self.tokenizer_path = resolve_model_path(server_args.tokenizer_path) if server_args.tokenizer_path else self.model_path
-        self.endpoints, self._ipc_dir = IpcEndpoints.in_new_dir()
+        self.endpoints, self._ipc_dir = IpcEndpoints.in_new_dir(server_args.dp_size)
         self.processes: dict[str, mp.Process] = {}
+        self.tokenizer_manager: TokenizerManager | None = None
         try:
-            info = self._start_children()
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=server_args.trust_remote_code)
+            self.reports = self._start_children()
+            if self.is_head:
+                tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, trust_remote_code=server_args.trust_remote_code)
         except BaseException:
             self.shutdown()
             raise
-        self.info = info
-        self.tokenizer_manager = TokenizerManager(tokenizer, self.endpoints, info, self.dead_children)
+        if self.is_head:
+            first = self.reports[_scheduler_name(0, 0, server_args.dp_size)]
+            self.info = RuntimeInfo(first["max_total_tokens"], first["max_req_input_len"], first["context_length"], first["vocab_size"])
+            self.tokenizer_manager = TokenizerManager(
+                tokenizer, self.endpoints, self.info, self.dead_children, server_args.load_balance_method
+            )
 
-    def _start_children(self) -> RuntimeInfo:
+    def _start_children(self) -> dict[str, dict]:
         args = self.server_args
         ctx = mp.get_context("spawn")
-        dist_init = f"tcp://{args.dist_init_addr}" if args.dist_init_addr else f"tcp://127.0.0.1:{_free_port()}"
-        threads = max(1, (os.cpu_count() or 1) // args.tp_size)
+        ranks_per_node = args.tp_size // args.nnodes
+        local_ranks = range(args.node_rank * ranks_per_node, (args.node_rank + 1) * ranks_per_node)
+        threads = max(1, (os.cpu_count() or 1) // (ranks_per_node * args.dp_size))
         pipes: dict[str, Connection] = {}
 
         def spawn(name: str, target, *target_args) -> None:
@@ -60,29 +71,34 @@ class Runtime:
             self.processes[name] = proc
             pipes[name] = reader
 
-        for rank in range(args.tp_size):
+        for dp_rank in range(args.dp_size):
+            # Each replica is its own TP group with its own rendezvous.
+            dist_init = f"tcp://{args.dist_init_addr}" if args.dist_init_addr and dp_rank == 0 else f"tcp://127.0.0.1:{_free_port()}"
+            for tp_rank in local_ranks:
+                local_index = dp_rank * ranks_per_node + tp_rank - local_ranks.start
+                spawn(
+                    _scheduler_name(dp_rank, tp_rank, args.dp_size),
+                    run_scheduler,
+                    args,
+                    self.model_path,
+                    self.tokenizer_path,
+                    self.endpoints,
+                    dp_rank,
+                    tp_rank,
+                    args.base_gpu_id + local_index,
+                    dist_init,
+                    threads,
+                )
+        if self.is_head:
             spawn(
-                f"scheduler-TP{rank}",
-                run_scheduler,
-                args,
-                self.model_path,
+                "detokenizer",
+                run_detokenizer,
                 self.tokenizer_path,
+                args.trust_remote_code,
+                args.skip_tokenizer_init,
                 self.endpoints,
-                rank,
-                dist_init,
-                threads,
             )
-        spawn(
-            "detokenizer",
-            run_detokenizer,
-            self.tokenizer_path,
-            args.trust_remote_code,
-            args.skip_tokenizer_init,
-            self.endpoints,
-        )
-        reports = {name: self._wait_ready(name, pipe) for name, pipe in pipes.items()}
-        first = reports["scheduler-TP0"]
-        return RuntimeInfo(first["max_total_tokens"], first["max_req_input_len"], first["context_length"], first["vocab_size"])
+        return {name: self._wait_ready(name, pipe) for name, pipe in pipes.items()}
 
     def _wait_ready(self, name: str, pipe: Connection) -> dict:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -116,6 +132,10 @@ class Runtime:
                 proc.join()
         self.processes.clear()
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def _scheduler_name(dp_rank: int, tp_rank: int, dp_size: int) -> str:
+    return f"scheduler-DP{dp_rank}-TP{tp_rank}" if dp_size > 1 else f"scheduler-TP{tp_rank}"
 
 
 def _free_port() -> int:

@@ -76,3 +76,27 @@ class SamplingParams:
         if vocab_size is not None:
             bad = [t for t in [*self.stop_token_ids, *self.logit_bias] if not 0 <= t < vocab_size]
             require(not bad, f"token ids out of the vocabulary (size {vocab_size}): {bad[:5]}")
+
+
+def check_generate_request(
+    input_ids: list[int],
+    sampling_params: dict[str, Any] | None,
+    vocab_size: int,
+    max_req_input_len: int,
+    context_length: int,
+) -> SamplingParams:
+    """Parse and check a request against the model it is for; ValueError says what is wrong."""
+    params = SamplingParams.from_dict(sampling_params)
+    params.validate(vocab_size)
+    if not input_ids:
+        raise ValueError("the prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in input_ids):
+        raise ValueError(f"input_ids must be integers in [0, {vocab_size})")
+    if len(input_ids) > max_req_input_len:
+        raise ValueError(f"the prompt has {len(input_ids)} tokens, more than the {max_req_input_len} this server accepts")
+    if len(input_ids) + params.max_new_tokens > context_length:
+        raise ValueError(
+            f"the prompt ({len(input_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+            f"exceeds the context length ({context_length})"
+        )
+    return params

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import random
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
@@ -51,6 +52,8 @@ class ServerArgs:
 
     # Parallelism
     tp_size: int = 1
+    dp_size: int = field(default=1, metadata={"help": "data-parallel replicas, each its own TP group"})
+    load_balance_method: Literal["round_robin", "shortest_queue"] = "round_robin"
     base_gpu_id: int = 0
     nnodes: int = 1
     node_rank: int = 0
@@ -67,6 +70,9 @@ class ServerArgs:
 
     def __post_init__(self) -> None:
         self._check()
+        if self.random_seed is None:
+            # Fixed here, so every TP rank draws the same seeds for unseeded requests.
+            self.random_seed = random.randrange(2**30)
 
     def _check(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -87,6 +93,10 @@ class ServerArgs:
         require(self.context_length is None or self.context_length > 0, "context_length must be positive")
         require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
         require(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)")
+        require(self.dp_size >= 1, f"dp_size must be >= 1, got {self.dp_size}")
+        require(self.tp_size % self.nnodes == 0, f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes}")
+        require(self.nnodes == 1 or self.dist_init_addr, "--dist-init-addr host:port is required with --nnodes > 1")
+        require(self.nnodes == 1 or self.dp_size == 1, "--dp with --nnodes > 1 is not supported")
         hints = typing.get_type_hints(type(self))  # f.type is a string under `from __future__ import annotations`
         for f in dataclasses.fields(self):
             choices = _literal_choices(hints[f.name])
@@ -132,6 +142,7 @@ class ServerArgs:
 
 _ALIASES = {
     "tp_size": ["--tp"],
+    "dp_size": ["--dp"],
     "model_path": ["--model"],
 }
 

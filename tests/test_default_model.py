@@ -210,3 +210,18 @@ def test_engine_on_the_default_model_knows_paris(prepared):
     with srt.Engine(model_path=prepared, max_total_tokens=4096) as engine:
         out = engine.generate("The capital of France is", {"temperature": 0, "max_new_tokens": 8})
     assert "Paris" in out["text"], out
+
+
+def test_multibyte_characters_stream_whole(prepared):
+    """Emoji span several byte-level tokens: no delta may carry half of one."""
+    import srt
+
+    with srt.Engine(model_path=prepared, max_total_tokens=4096) as engine:
+        ids = engine.tokenizer("Emoji: 😀😀😀😀 😀😀😀😀 😀😀😀")["input_ids"]
+        params = {"temperature": 0, "max_new_tokens": 24}
+        full = engine.generate(input_ids=ids, sampling_params=params)
+        deltas = [p["text"] for p in engine.generate(input_ids=ids, sampling_params=params, stream=True)]
+    assert "".join(deltas) == full["text"]
+    assert any(ord(c) > 0xFFFF for c in full["text"]), full["text"]  # the model did answer with emoji
+    assert "" in deltas  # some tokens were held back until their character completed
+    assert not any("\ufffd" in d for d in deltas)

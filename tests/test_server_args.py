@@ -4,6 +4,7 @@ flags override, and a clear ValueError for every bad value."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -25,8 +26,20 @@ def write_yaml(tmp_path, text: str) -> str:
 # ---- command line -----------------------------------------------------------------------
 
 
+def settings(args: ServerArgs) -> dict:
+    """Every field but the random seed, which each ServerArgs draws anew when not given."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if k != "random_seed"}
+
+
 def test_no_flags_gives_the_defaults():
-    assert parse() == ServerArgs()
+    assert settings(parse()) == settings(ServerArgs())
+
+
+def test_random_seed_is_fixed_once_when_not_given():
+    # Every TP rank receives these args, so they must already agree on the seed.
+    args = ServerArgs()
+    assert isinstance(args.random_seed, int)
+    assert ServerArgs(random_seed=7).random_seed == 7
 
 
 @pytest.mark.parametrize("flag", ["--tp", "--tp-size"])
@@ -84,7 +97,7 @@ def test_explicit_flags_override_the_config(tmp_path):
 
 
 def test_an_empty_config_changes_nothing(tmp_path):
-    assert parse("--config", write_yaml(tmp_path, "")) == ServerArgs()
+    assert settings(parse("--config", write_yaml(tmp_path, ""))) == settings(ServerArgs())
 
 
 def test_unknown_config_keys_are_named(tmp_path):
@@ -157,5 +170,7 @@ def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
 
 
 def test_good_values_are_kept():
-    args = ServerArgs(model_path="/m", tp_size=2, mem_fraction_static=0.8, dtype="float16", nnodes=2, node_rank=1)
+    args = ServerArgs(
+        model_path="/m", tp_size=2, mem_fraction_static=0.8, dtype="float16", nnodes=2, node_rank=1, dist_init_addr="h:1"
+    )
     assert (args.tp_size, args.mem_fraction_static, args.dtype, args.node_rank) == (2, 0.8, "float16", 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from srt.messages import (
     ReqOutput,
     TokenizedGenerateReq,
 )
-from srt.sampling_params import SamplingParams
+from srt.metrics import Metrics
+from srt.sampling_params import SamplingParams, check_generate_request
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class RuntimeInfo:
 
 @dataclass
 class _ReqState:
+    replica: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
 
@@ -60,11 +63,18 @@ class TokenizerManager:
         endpoints: IpcEndpoints,
         info: RuntimeInfo,
         dead_children: Callable[[], list[str]],
+        load_balance_method: str = "round_robin",
+        metrics: Metrics | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.endpoints = endpoints
         self.info = info
         self.dead_children = dead_children
+        self.metrics = metrics
+        self.load_balance_method = load_balance_method
+        self._next_replica = 0
+        # Called once with the reason when a runtime process dies (the server exits on it).
+        self.on_failure: Callable[[str], None] | None = None
         self.states: dict[str, _ReqState] = {}
         self._control_waiters: dict[type, list[asyncio.Future]] = {}
         self._failure: str | None = None
@@ -75,7 +85,7 @@ class TokenizerManager:
         if self._started:
             return
         context = zmq.asyncio.Context.instance()
-        self._to_scheduler = AsyncSender(context, self.endpoints.scheduler_input)
+        self._to_replicas = [AsyncSender(context, endpoint) for endpoint in self.endpoints.scheduler_inputs]
         self._from_detokenizer = AsyncReceiver(context, self.endpoints.tokenizer_input)
         self._tasks = [asyncio.create_task(self._route_outputs()), asyncio.create_task(self._watch_children())]
         self._started = True
@@ -87,20 +97,8 @@ class TokenizerManager:
 
     def check_request(self, input_ids: list[int], sampling_params: dict[str, Any] | None) -> SamplingParams:
         """Raise ValueError (with a client-facing message) for a request that cannot run."""
-        params = SamplingParams.from_dict(sampling_params)
-        params.validate(self.info.vocab_size)
-        if not input_ids:
-            raise ValueError("the prompt is empty")
-        if len(input_ids) > self.info.max_req_input_len:
-            raise ValueError(
-                f"the prompt has {len(input_ids)} tokens, more than the {self.info.max_req_input_len} this server accepts"
-            )
-        if len(input_ids) + params.max_new_tokens > self.info.context_length:
-            raise ValueError(
-                f"the prompt ({len(input_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the context length ({self.info.context_length})"
-            )
-        return params
+        info = self.info
+        return check_generate_request(input_ids, sampling_params, info.vocab_size, info.max_req_input_len, info.context_length)
 
     async def generate_stream(
         self,
@@ -116,14 +114,21 @@ class TokenizerManager:
         rid = rid or uuid.uuid4().hex
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
-        state = self.states[rid] = _ReqState()
+        state = self.states[rid] = _ReqState(self._pick_replica())
         msg = TokenizedGenerateReq(rid, list(input_ids), dict(sampling_params or {}), return_logprob, top_logprobs_num)
+        arrival = last = time.perf_counter()
         try:
-            await self._to_scheduler.send(msg)
+            await self._to_replicas[state.replica].send(msg)
             while True:
                 out = await state.queue.get()
                 if isinstance(out, BaseException):
                     raise out
+                now = time.perf_counter()
+                if self.metrics is not None:
+                    self.metrics.observe_tokens(len(out.new_token_ids), now - last, first=last == arrival)
+                    if out.finish_reason is not None:
+                        self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - arrival)
+                last = now
                 if out.finish_reason is not None:
                     state.finished = True
                 yield out
@@ -133,26 +138,52 @@ class TokenizerManager:
             self.states.pop(rid, None)
             if not state.finished and self._failure is None:
                 # The caller stopped listening: free the request's memory in the scheduler.
-                await self._to_scheduler.send(AbortReq(rid))
+                await self._to_replicas[state.replica].send(AbortReq(rid))
+
+    def _pick_replica(self) -> int:
+        """Data parallelism: which replica takes the next request."""
+        if len(self._to_replicas) == 1:
+            return 0
+        if self.load_balance_method == "shortest_queue":
+            load = [0] * len(self._to_replicas)
+            for state in self.states.values():
+                load[state.replica] += 1
+            return min(range(len(load)), key=load.__getitem__)
+        self._next_replica = (self._next_replica + 1) % len(self._to_replicas)
+        return self._next_replica
 
     async def abort(self, rid: str) -> None:
-        await self._to_scheduler.send(AbortReq(rid))
+        state = self.states.get(rid)
+        if state is not None:
+            await self._to_replicas[state.replica].send(AbortReq(rid))
+
+    async def abort_all(self) -> None:
+        """Abort every request in flight (shutdown): each stream ends with an ``abort`` finish."""
+        for rid in list(self.states):
+            await self.abort(rid)
 
     # ---- control ---------------------------------------------------------------------
 
     async def flush_cache(self) -> bool:
-        reply = await self._control(FlushCacheReq(), FlushCacheDone)
-        return reply.success
+        replies = await self._control(FlushCacheReq(), FlushCacheDone)
+        return all(reply.success for reply in replies)
 
     async def get_internal_state(self) -> InternalState:
+        """The scheduler's state (summed over data-parallel replicas)."""
+        return InternalState.combine(await self.get_replica_states())
+
+    async def get_replica_states(self) -> list[InternalState]:
         return await self._control(GetInternalStateReq(), InternalState)
 
-    async def _control(self, request: Any, reply_type: type) -> Any:
+    async def _control(self, request: Any, reply_type: type) -> list[Any]:
+        """Send ``request`` to every replica and gather one reply from each."""
         self._raise_if_failed()
-        future = asyncio.get_running_loop().create_future()
-        self._control_waiters.setdefault(reply_type, []).append(future)
-        await self._to_scheduler.send(request)
-        return await future
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in self._to_replicas]
+        self._control_waiters.setdefault(reply_type, []).extend(futures)
+        for sender in self._to_replicas:
+            await sender.send(request)
+        return list(await asyncio.gather(*futures))
 
     # ---- background tasks --------------------------------------------------------------
 
@@ -179,6 +210,8 @@ class TokenizerManager:
     def _fail(self, reason: str) -> None:
         logger.error("%s; failing all requests", reason)
         self._failure = reason
+        if self.on_failure is not None:
+            self.on_failure(reason)
         error = RuntimeDiedError(reason)
         for state in self.states.values():
             state.queue.put_nowait(error)
@@ -187,6 +220,11 @@ class TokenizerManager:
                 if not future.done():
                     future.set_exception(error)
         self._control_waiters.clear()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the runtime is down, or None while it is healthy."""
+        return self._failure
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:

@@ -22,21 +22,23 @@ def shape_of(loaded: Any) -> list[int]:
     return list(loaded.shape) if isinstance(loaded, torch.Tensor) else list(loaded.get_shape())
 
 
-def read_shard(loaded: Any, dim: int, packed: int = 1) -> torch.Tensor:
-    """This rank's part of ``loaded`` along ``dim``.
+def read_shard(loaded: Any, dim: int, packed: int = 1, index: int | None = None, count: int | None = None) -> torch.Tensor:
+    """Shard ``index`` of ``count`` (default: this rank of the TP group) of ``loaded`` along ``dim``.
 
     ``packed`` > 1 means the dimension holds that many equal blocks side by side (a
     fused gate_up projection, say): each block is split, and this rank gets its part
     of every block, in order.
     """
+    index = tp_rank() if index is None else index
+    count = tp_size() if count is None else count
     full = shape_of(loaded)
     block = full[dim] // packed
-    if full[dim] % (packed * tp_size()) or block % tp_size():
-        raise ValueError(f"dimension {dim} of size {full[dim]} does not split into {packed} x {tp_size()} shards")
-    shard = block // tp_size()
+    if full[dim] % (packed * count) or block % count:
+        raise ValueError(f"dimension {dim} of size {full[dim]} does not split into {packed} x {count} shards")
+    shard = block // count
     pieces = []
     for b in range(packed):
-        start = b * block + tp_rank() * shard
+        start = b * block + index * shard
         index = tuple(slice(start, start + shard) if d == dim else slice(None) for d in range(len(full)))
         pieces.append(torch.as_tensor(loaded[index]))
     return pieces[0] if packed == 1 else torch.cat(pieces, dim=dim)
@@ -59,7 +61,12 @@ def _new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
 
 
 class ColumnParallelLinear(nn.Module):
-    """``y = x W^T + b`` with W split along its output rows; ``gather_output`` rebuilds the full ``y``."""
+    """``y = x W^T + b`` with W split along its output rows; ``gather_output`` rebuilds the full ``y``.
+
+    ``num_shards`` < tp_size splits W into fewer shards, each held by ``tp_size /
+    num_shards`` consecutive ranks: how K/V projections with fewer KV heads than ranks
+    are replicated (as in SGLang and vLLM).
+    """
 
     def __init__(
         self,
@@ -70,16 +77,23 @@ class ColumnParallelLinear(nn.Module):
         device: torch.device,
         gather_output: bool = False,
         packed: int = 1,
+        num_shards: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.packed = gather_output, packed
-        local_out = _split(out_features, "output features")
+        self.num_shards = num_shards or tp_size()
+        if tp_size() % self.num_shards:
+            raise ValueError(f"{self.num_shards} shards cannot be spread over tp_size={tp_size()} ranks")
+        self.shard_index = tp_rank() // (tp_size() // self.num_shards)
+        if out_features % self.num_shards:
+            raise ValueError(f"output features of size {out_features} do not split into {self.num_shards} shards")
+        local_out = out_features // self.num_shards
         self.weight = _new_param((local_out, in_features), dtype, device, self._load)
         self.bias = _new_param((local_out,), dtype, device, self._load) if bias else None
 
     def _load(self, param: nn.Parameter, loaded: Any) -> None:
-        param.data.copy_(read_shard(loaded, 0, self.packed))
+        param.data.copy_(read_shard(loaded, 0, self.packed, self.shard_index, self.num_shards))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)

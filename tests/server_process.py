@@ -1,0 +1,54 @@
+"""Start a real `python -m srt.launch` on a free loopback port, and always stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_path: str, *args: str, startup_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yields ``(base_url, process)``; the server is stopped (SIGTERM, then SIGKILL) on exit."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "srt.launch", "--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited during start-up with code {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become healthy")
+            time.sleep(0.3)
+        yield base_url, proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            # The server is its own session leader: kill the whole group, children included.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,188 @@
+"""`python -m srt.launch`: the native API, errors, auth, metrics, disconnects and shutdown,
+against a real server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from server_process import running_server, stop
+from tiny_models import build_tiny_model
+
+API_KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return build_tiny_model("llama", str(tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running_server(model_dir, "--max-total-tokens", "2048", "--api-key", API_KEY) as (base_url, proc):
+        yield base_url, proc
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server[0], headers=AUTH, timeout=60) as c:
+        yield c
+
+
+def idle_state(client: httpx.Client) -> dict:
+    return client.get("/server_info").json()["internal_state"]
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_generate_single_batch_and_stream(client):
+    single = client.post("/generate", json={"input_ids": [5, 6, 7], "sampling_params": GREEDY}).json()
+    assert len(single["output_ids"]) == 8 and single["meta_info"]["finish_reason"]["type"] == "length"
+    batch = client.post("/generate", json={"input_ids": [[5, 6, 7], [9, 9]], "sampling_params": GREEDY}).json()
+    assert batch[0]["output_ids"] == single["output_ids"] and len(batch) == 2
+    text = client.post("/generate", json={"text": "hi", "sampling_params": GREEDY}).json()
+    assert text["meta_info"]["prompt_tokens"] == 2
+
+    events = []
+    with client.stream("POST", "/generate", json={"input_ids": [5, 6, 7], "sampling_params": GREEDY, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                events.append(line[len("data: ") :])
+    assert events[-1] == "[DONE]"
+    import json
+
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) == 8
+    assert chunks[-1]["output_ids"] == single["output_ids"] and chunks[-1]["text"] == single["text"]
+    assert [len(c["output_ids"]) for c in chunks] == list(range(1, 9))  # cumulative, as SGLang
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input_ids": [1, 2], "sampling_params": {"temperature": -1}},
+        {"input_ids": [1, 2], "sampling_params": {"top_p": 0}},
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}},
+        {"input_ids": [1, 2], "sampling_params": {"n": 0}},
+        {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 100000}},
+        {"input_ids": [1, 2], "sampling_params": {"bogus": 1}},
+        {"input_ids": [1, 2], "sampling_params": {"temperature": "hot"}},
+        {"input_ids": [1, 999999]},
+        {"input_ids": []},
+        {"text": "a", "input_ids": [1]},
+        {"input_ids": "not a list"},
+        {"input_ids": [1], "unknown_field": 3},
+    ],
+)
+def test_bad_input_is_400_and_harmless(client, body):
+    assert_openai_error(client.post("/generate", json=body), 400)
+    assert client.post("/generate", json={"input_ids": [5], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_malformed_json_and_unknown_route(client):
+    assert_openai_error(client.post("/generate", content=b'{"input_ids": [1,', headers={"content-type": "application/json"}), 400)
+    assert_openai_error(client.get("/no_such_route"), 404)
+
+
+def test_api_key(server):
+    base_url = server[0]
+    body = {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}}
+    assert_openai_error(httpx.post(f"{base_url}/generate", json=body), 401)
+    assert_openai_error(httpx.post(f"{base_url}/generate", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_openai_error(httpx.get(f"{base_url}/metrics"), 401)
+    assert httpx.get(f"{base_url}/health").status_code == 200
+    assert httpx.post(f"{base_url}/generate", json=body, headers=AUTH).status_code == 200
+
+
+def test_info_health_metrics_flush(client):
+    assert client.get("/health_generate").status_code == 200
+    info = client.get("/model_info").json()
+    assert info["is_generation"] and info["context_length"] == 512
+    server_info = client.get("/server_info").json()
+    assert server_info["api_key"] == API_KEY and server_info["max_total_tokens"] == 2048
+    assert {"free_kv_slots", "running_requests", "waiting_requests", "cache_hit_rate"} <= set(server_info["internal_state"])
+    metrics = client.get("/metrics").text
+    for series in (
+        "srt:prompt_tokens_total",
+        "srt:generation_tokens_total",
+        "srt:time_to_first_token_seconds_bucket",
+        "srt:inter_token_latency_seconds_bucket",
+        "srt:e2e_request_latency_seconds_bucket",
+        "srt:num_running_reqs",
+        "srt:num_queue_reqs",
+        "srt:token_usage",
+        "srt:cache_hit_rate",
+    ):
+        assert series in metrics, series
+    assert client.post("/flush_cache").status_code == 200
+    state = idle_state(client)
+    assert state["free_kv_slots"] == state["total_kv_slots"]
+
+
+def test_sixteen_concurrent_streams(server):
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        body = {"input_ids": [3 + i, 4, 5], "sampling_params": {**GREEDY, "max_new_tokens": 12}, "stream": True}
+        count = 0
+        async with client.stream("POST", "/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                count += line.startswith("data: {")
+        return count
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(base_url=server[0], headers=AUTH, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    assert asyncio.run(main()) == [12] * 16
+
+
+def test_disconnect_mid_stream_frees_the_request(client, server):
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}, "stream": True}
+    with httpx.Client(base_url=server[0], headers=AUTH, timeout=60) as other:
+        with other.stream("POST", "/generate", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+    # non-streaming request abandoned by its client
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server[0]}/generate", json={**body, "stream": False}, headers=AUTH, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while (state := idle_state(client))["running_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state["running_requests"] == 0 and state["waiting_requests"] == 0
+    assert state["free_kv_slots"] + state["cached_tokens"] == state["total_kv_slots"]
+    assert client.get("/health").status_code == 200
+
+
+def test_sigterm_leaves_no_process_behind(model_dir):
+    with running_server(model_dir, "--max-total-tokens", "512") as (base_url, proc):
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2  # scheduler + detokenizer (+ multiprocessing's resource tracker)
+        start = time.monotonic()
+        stop(proc)
+        assert proc.returncode == 0
+        assert time.monotonic() - start < 15
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, alive
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base_url}/health", timeout=2)
+
+
+def test_dead_child_makes_the_server_exit_nonzero(model_dir):
+    with running_server(model_dir, "--max-total-tokens", "512") as (base_url, proc):
+        scheduler = next(c for c in psutil.Process(proc.pid).children() if "spawn" in " ".join(c.cmdline()))
+        os.kill(scheduler.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0

@@ -1,0 +1,97 @@
+"""`--tp 2` on CPU (gloo): the same greedy output as transformers, about half the weights per rank."""
+
+from __future__ import annotations
+
+import pytest
+
+import srt
+from test_parity import MAX_NEW, assert_greedy_equal, make_prompts
+from tiny_models import build_tiny_model, load_reference, reference_greedy
+
+CASES = {
+    "llama": {},
+    "qwen2": {},
+    "gemma3_text": {},
+    "phi3": {},  # fused qkv / gate_up: its plan gathers them and splits the input of o_proj / down_proj
+    "llama-kv1": {"num_key_value_heads": 1},  # one KV head shared by both ranks
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tp2_matches_transformers(case, tmp_path):
+    model_type = case.split("-")[0]
+    model_dir = build_tiny_model(model_type, str(tmp_path), **CASES[case])
+    prompts = make_prompts()
+    params = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=1024, tp_size=2) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+        again = engine.generate(input_ids=prompts, sampling_params=params)  # served from the radix cache
+        reports = engine.runtime.reports
+    reference = load_reference(model_dir)
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_equal(reference, prompt, out["output_ids"], reference_greedy(reference, prompt, MAX_NEW))
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in outs]
+    assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
+    assert reports["scheduler-TP0"]["weight_bytes"] == reports["scheduler-TP1"]["weight_bytes"]
+
+
+def test_tp2_halves_weight_memory_per_rank(tmp_path):
+    model_dir = build_tiny_model("llama", str(tmp_path), hidden_size=256, intermediate_size=1024, num_attention_heads=8)
+    sizes = {}
+    for tp in (1, 2):
+        with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=256, tp_size=tp) as engine:
+            sizes[tp] = engine.runtime.reports["scheduler-TP0"]["weight_bytes"]
+    ratio = sizes[2] / sizes[1]
+    assert 0.45 < ratio < 0.55, sizes  # only norms are replicated
+
+
+def test_seeded_sampling_is_identical_across_ranks_and_tp(tmp_path):
+    model_dir = build_tiny_model("llama", str(tmp_path))
+    params = {"temperature": 1.0, "seed": 3, "max_new_tokens": 12, "ignore_eos": True}
+    outs = {}
+    for tp in (1, 2):
+        with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=256, tp_size=tp) as engine:
+            outs[tp] = engine.generate(input_ids=[5, 6, 7], sampling_params=params)["output_ids"]
+            unseeded = engine.generate(input_ids=[5, 6, 7], sampling_params={"temperature": 1.0, "max_new_tokens": 12})
+            assert unseeded["meta_info"]["finish_reason"] is not None  # ranks agreed, nothing hung
+    assert outs[1] == outs[2]
+
+
+def test_dp2_spreads_requests_over_both_replicas(tmp_path):
+    model_dir = build_tiny_model("llama", str(tmp_path))
+    prompts = make_prompts()
+    params = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    for method in ("round_robin", "shortest_queue"):
+        with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=512, dp_size=2, load_balance_method=method) as engine:
+            outs = engine.generate(input_ids=prompts * 2, sampling_params=params)
+            replicas = engine._call(engine.tokenizer_manager.get_replica_states())
+        reference = load_reference(model_dir)
+        for prompt, out in zip(prompts * 2, outs):
+            assert_greedy_equal(reference, prompt, out["output_ids"], reference_greedy(reference, prompt, MAX_NEW))
+        assert len(replicas) == 2 and all(r.cached_tokens > 0 for r in replicas), replicas
+
+
+def test_two_nodes_on_localhost_serve_a_request(tmp_path):
+    import subprocess
+    import sys
+
+    import httpx
+
+    from server_process import free_port, running_server, stop
+
+    model_dir = build_tiny_model("llama", str(tmp_path))
+    common = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}", "--max-total-tokens", "512"]
+    follower_port = free_port()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "srt.launch", "--model-path", model_dir, "--node-rank", "1", "--port", str(follower_port), *common],
+        start_new_session=True,
+    )
+    try:
+        with running_server(model_dir, "--node-rank", "0", *common) as (base_url, _):
+            body = {"input_ids": [5, 6, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}}
+            out = httpx.post(f"{base_url}/generate", json=body, timeout=60).json()
+            assert len(out["output_ids"]) == 6
+            assert httpx.get(f"http://127.0.0.1:{follower_port}/health", timeout=5).status_code == 200
+        assert follower.wait(timeout=30) != 0  # its peer went away: the follower exits instead of hanging
+    finally:
+        stop(follower)
