@@ -94,6 +94,9 @@ class _Metadata:
 
 
 class TorchAttentionBackend:
+    def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        batch.kv_cache.store(layer, batch.out_cache_loc, k, v)
+
     def prepare(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
         seq_lens = batch.seq_lens.tolist()

@@ -35,6 +35,10 @@ class TritonAttentionBackend:
     def __init__(self, max_kv_splits: int = 8) -> None:
         self.max_kv_splits = max_kv_splits
 
+    def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache = batch.kv_cache
+        triton_attention.store_kv(cache.k_buffers[layer], cache.v_buffers[layer], batch.out_cache_loc, k, v)
+
     def prepare(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
         if batch.is_decode_only:

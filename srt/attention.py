@@ -27,6 +27,9 @@ class AttentionBackend(Protocol):
     def prepare(self, batch: ForwardBatch) -> None:
         """Build per-forward metadata (index tables, masks) once, before the layers run."""
 
+    def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this layer's new ``k``/``v`` (``[tokens, kv_heads, head_dim]``) at ``batch.out_cache_loc``."""
+
     def forward(
         self,
         q: torch.Tensor,
@@ -69,7 +72,7 @@ def srt_attention(
         raise RuntimeError("the srt attention ran outside a forward context (call the model through ModelRunner)")
     batch, backend = _current
     layer = module.layer_idx
-    batch.kv_cache.store(layer, batch.out_cache_loc, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    backend.store(batch, layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
     if scaling is None:

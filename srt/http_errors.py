@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi.responses import ORJSONResponse
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+
+class JSONResponse(Response):
+    """JSON rendered with orjson (FastAPI's own ORJSONResponse is deprecated)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -26,5 +38,5 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> ORJSONResponse:
-        return ORJSONResponse(self.body(), status_code=self.status)
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)

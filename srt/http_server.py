@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from srt.http_errors import APIError
+from srt.http_errors import APIError, JSONResponse
 from srt.messages import ReqOutput
 from srt.metrics import Metrics
 from srt.runtime import Runtime
@@ -68,7 +68,7 @@ def build_app(runtime: Runtime, server_args: ServerArgs) -> FastAPI:
         await tm.abort_all()
         await tm.close()
 
-    app = FastAPI(title="srt", lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title="srt", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.tokenizer_manager = tm
     app.state.server_args = server_args
     app.state.model_name = model_name
@@ -117,11 +117,11 @@ async def _warm_up(tm: TokenizerManager) -> None:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> ORJSONResponse:
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         location = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = first.get("msg", "invalid request")
@@ -129,14 +129,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             message, location = "the request body is not valid JSON", []
         elif location:
             message = f"{'.'.join(location)}: {message}"
-        return APIError(400, message, param=".".join(location) or None).response()
+        # ``param`` names the top-level field, as OpenAI does; the message keeps the full path.
+        return APIError(400, message, param=location[0] if location else None).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(RuntimeDiedError)
-    async def runtime_died(_: Request, exc: RuntimeDiedError) -> ORJSONResponse:
+    async def runtime_died(_: Request, exc: RuntimeDiedError) -> JSONResponse:
         return APIError(503, str(exc), type="server_error").response()
 
 

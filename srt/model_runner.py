@@ -25,7 +25,9 @@ def attention_backend_for(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
-        raise NotImplementedError("the triton attention backend is not available yet; use --attention-backend torch")
+        from srt.kernels.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     from srt.kernels.torch_attention import TorchAttentionBackend
 
     return TorchAttentionBackend()
@@ -99,7 +101,7 @@ class ModelRunner:
         """
         probe = _KVShapeProbe()
         one = torch.zeros(1, dtype=torch.int64, device=self.device)
-        batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), probe)  # type: ignore[arg-type]
+        batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), kv_cache=None)  # type: ignore[arg-type]
         with forward_context(batch, probe):
             self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
         shapes = set(probe.shapes.values())
@@ -122,12 +124,12 @@ class ModelRunner:
 
 
 class _KVShapeProbe:
-    """Stands in for both the KV cache and the attention backend during ``_probe_kv_shape``."""
+    """The attention backend during ``_probe_kv_shape``: records K/V shapes, attends to nothing."""
 
     def __init__(self) -> None:
         self.shapes: dict[int, tuple[int, int, int]] = {}
 
-    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.shapes[layer] = (k.shape[1], k.shape[2], v.shape[2])
 
     def prepare(self, batch: ForwardBatch) -> None:

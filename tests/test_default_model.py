@@ -225,3 +225,20 @@ def test_multibyte_characters_stream_whole(prepared):
     assert any(ord(c) > 0xFFFF for c in full["text"]), full["text"]  # the model did answer with emoji
     assert "" in deltas  # some tokens were held back until their character completed
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_chat_on_the_default_model_server_says_paris(prepared):
+    import openai
+
+    from server_process import running_server
+
+    with running_server(prepared, "--max-total-tokens", "4096") as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(
+            model=prepared,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=30,
+        )
+    assert "Paris" in reply.choices[0].message.content, reply
+    assert reply.choices[0].finish_reason == "stop"  # <|im_end|> ends the turn

@@ -95,3 +95,21 @@ def test_two_nodes_on_localhost_serve_a_request(tmp_path):
         assert follower.wait(timeout=30) != 0  # its peer went away: the follower exits instead of hanging
     finally:
         stop(follower)
+
+
+def test_http_server_with_tp2_streams_a_chat(tmp_path):
+    import openai
+
+    from server_process import running_server
+    from test_openai_api import CHAT_TEMPLATE
+
+    model_dir = build_tiny_model("llama", str(tmp_path / "llama"))
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    with running_server(model_dir, "--tp", "2", "--max-total-tokens", "512", "--chat-template", str(template)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        request = {"model": model_dir, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+        whole = client.chat.completions.create(**request).choices[0].message.content
+        chunks = client.chat.completions.create(**request, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole
