@@ -30,7 +30,8 @@ def attend(
 
     Grouped-query heads share K/V without copying them. Soft-capping
     (``softcap * tanh(scores / softcap)``) is applied to the scaled scores before
-    masking, as Gemma 2 defines it.
+    masking, as Gemma 2 defines it. Without soft-capping this is SDPA, whose flash
+    kernel never materialises the scores.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     if softcap is None:
@@ -44,6 +45,53 @@ def attend(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.matmul(probs.view(b, kv_heads, group * n_q, -1), v)
     return out.view(b, heads, n_q, v.shape[-1])
+
+
+def decode_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additive_mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    k_shared: torch.Tensor | None = None,
+    v_shared: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per sequence: ``q [B, H, D]`` over each sequence's keys, optionally starting
+    with ``k_shared, v_shared [P, H_kv, D]`` that every sequence shares, followed by its own
+    gathered ``k, v [B, L, H_kv, D]``; ``additive_mask [B, P + L]`` holds 0 or -inf.
+
+    A shared prefix (requests that share cached KV through the radix tree) is read once
+    and multiplied as one GEMM for the whole batch, instead of being gathered per request
+    (cascade attention). Shapes chosen by measurement on CPU: batched matmuls reading K in
+    place, the value product as one matmul; 2-3x faster than SDPA here.
+    """
+    batch, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    grouped = q.view(batch, kv_heads, group, -1)
+    # Head-major scores: each head's slice is contiguous for the matmul writing into it.
+    own_scores = q.new_empty(kv_heads, batch, group, k.shape[1])
+    for h in range(kv_heads):
+        torch.bmm(grouped[:, h], k[:, :, h].transpose(1, 2), out=own_scores[h])
+    scores = own_scores
+    if k_shared is not None:
+        # Every request's queries against the shared keys: one [B*G, D] x [D, P] GEMM per head.
+        rows = grouped.transpose(0, 1).reshape(kv_heads, batch * group, -1)
+        shared_scores = torch.bmm(rows, k_shared.permute(1, 2, 0)).view(kv_heads, batch, group, -1)
+        scores = torch.cat([shared_scores, own_scores], dim=-1)
+    scores *= scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores += additive_mask[None, :, None, :]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    shared = 0 if k_shared is None else k_shared.shape[0]
+    out = torch.matmul(probs[..., shared:].transpose(0, 1), v.transpose(1, 2))
+    if shared:
+        shared_probs = probs[..., :shared].reshape(kv_heads, batch * group, shared)
+        shared_out = torch.bmm(shared_probs, v_shared.transpose(0, 1)).view(kv_heads, batch, group, -1)
+        out += shared_out.transpose(0, 1)
+    return out.reshape(batch, heads, -1)
 
 
 @dataclass
@@ -72,19 +120,54 @@ class _Decode:
     """All requests with one new token, attended as one padded batch."""
 
     rows: torch.Tensor  # [B] rows of the batch
-    slots: torch.Tensor  # [B, L_max], padding points at slot 0
+    shared_slots: torch.Tensor  # [P] slots every request starts with (a shared cached prefix)
+    own_slots: torch.Tensor  # [B, L_max - P] the rest, padding points at slot 0
+    flat_own_slots: torch.Tensor  # own_slots.flatten(): index_select on it is 3-5x faster than advanced indexing
     valid: torch.Tensor  # [B, L_max]
     key_pos: torch.Tensor  # [L_max]
     query_pos: torch.Tensor  # [B]
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    scratch: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        if window not in self.masks:
+    def gather(self, buffer: torch.Tensor, which: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``buffer`` rows of the shared prefix ``[P, H_kv, D]`` (None when there is none) and of
+        each request's own slots ``[B, L_max - P, H_kv, D]``.
+
+        The output memory is allocated once per forward and reused by every layer:
+        fresh multi-MB tensors per layer cost page faults that measured as much as
+        the copy itself.
+        """
+        key = (which, buffer.dtype, buffer.shape[1:])
+        out = self.scratch.get(key)
+        if out is None:
+            out = self.scratch[key] = buffer.new_empty(self.flat_own_slots.numel(), *buffer.shape[1:])
+        torch.index_select(buffer, 0, self.flat_own_slots, out=out)
+        shared = buffer.index_select(0, self.shared_slots) if self.shared_slots.numel() else None
+        return shared, out.view(*self.own_slots.shape, *buffer.shape[1:])
+
+    def additive_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, L_max]``: 0 where a key is attended, -inf elsewhere."""
+        if (window, dtype) not in self.masks:
             allowed = self.valid
             if window is not None:
                 allowed = allowed & (self.query_pos[:, None] - self.key_pos[None, :] < window)
-            self.masks[window] = allowed[:, None, None, :]
-        return self.masks[window]
+            zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self.masks[(window, dtype)] = zeros.masked_fill(~allowed, float("-inf"))
+        return self.masks[(window, dtype)]
+
+
+# A prefix shared by every decoding request is attended as one GEMM from this length on.
+_CASCADE_MIN_SHARED = 64
+
+
+def _shared_prefix_len(slots: torch.Tensor, valid: torch.Tensor) -> int:
+    """How many leading KV slots every row of ``slots`` has in common (0 if fewer than
+    ``_CASCADE_MIN_SHARED``, or for a single request)."""
+    if slots.shape[0] < 2:
+        return 0
+    same = ((slots == slots[:1]) & valid).all(dim=0)
+    shared = int(same.to(torch.int32).cumprod(0).sum())
+    return shared if shared >= _CASCADE_MIN_SHARED else 0
 
 
 @dataclass
@@ -118,8 +201,10 @@ class TorchAttentionBackend:
             key_pos = torch.arange(max_len, device=device)
             valid = key_pos[None, :] < lens[:, None]
             slots = batch.req_to_token[batch.req_pool_indices[decode_reqs], :max_len].masked_fill(~valid, 0)
+            shared = _shared_prefix_len(slots, valid)
             rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
-            decode = _Decode(rows, slots, valid, key_pos, lens - 1)
+            own = slots[:, shared:]
+            decode = _Decode(rows, slots[0, :shared], own, own.flatten(), valid, key_pos, lens - 1)
         batch.attn_metadata = _Metadata(extends, decode)
 
     def forward(
@@ -135,14 +220,14 @@ class TorchAttentionBackend:
         k_buffer, v_buffer = batch.kv_cache.k_buffers[layer], batch.kv_cache.v_buffers[layer]
         out = q.new_empty(q.shape[0], q.shape[1], v_buffer.shape[-1])
         for ext in meta.extends:
-            k = k_buffer[ext.slots].to(q.dtype).transpose(0, 1)[None]
-            v = v_buffer[ext.slots].to(q.dtype).transpose(0, 1)[None]
+            k = k_buffer.index_select(0, ext.slots).to(q.dtype).transpose(0, 1)[None]
+            v = v_buffer.index_select(0, ext.slots).to(q.dtype).transpose(0, 1)[None]
             qe = q[ext.start : ext.start + ext.n].transpose(0, 1)[None]
             out[ext.start : ext.start + ext.n] = attend(qe, k, v, ext.mask(sliding_window), scaling, softcap)[0].transpose(0, 1)
         if meta.decode is not None:
             dec = meta.decode
-            k = k_buffer[dec.slots].to(q.dtype).transpose(1, 2)
-            v = v_buffer[dec.slots].to(q.dtype).transpose(1, 2)
-            qd = q[dec.rows].unsqueeze(2)
-            out[dec.rows] = attend(qd, k, v, dec.mask(sliding_window), scaling, softcap).squeeze(2)
+            k_shared, k = (None if t is None else t.to(q.dtype) for t in dec.gather(k_buffer, "k"))
+            v_shared, v = (None if t is None else t.to(q.dtype) for t in dec.gather(v_buffer, "v"))
+            mask = dec.additive_mask(sliding_window, q.dtype)
+            out[dec.rows] = decode_attend(q[dec.rows], k, v, mask, scaling, softcap, k_shared, v_shared)
         return out

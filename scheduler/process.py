@@ -64,7 +64,7 @@ def run_scheduler(
             "max_req_input_len": scheduler.max_req_input_len,
             "context_length": scheduler.context_length,
             "vocab_size": scheduler.vocab_size,
-            "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
+            "weight_bytes": runner.weight_bytes(),
         }
     )
     logger.info("scheduler rank %d ready", tp_rank)

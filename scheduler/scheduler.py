@@ -36,6 +36,9 @@ _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
 _NEW_TOKEN_RATIO_DECAY = 0.001
 _CLIP_MAX_NEW_TOKENS = 4096
+# A waiting request whose uncached prefix shares at least this many tokens with a
+# request in the current prefill batch waits one step for the cache to hold them.
+_IN_BATCH_PREFIX_MIN_TOKENS = 32
 
 
 class Scheduler:
@@ -160,6 +163,8 @@ class Scheduler:
             if len(self.running) + len(batch) >= self.max_running_requests or not self.req_to_token_pool.available_size():
                 break
             match = self.cache.match_prefix(req.fill_ids[:-1])
+            if self._shares_uncached_prefix(req, len(match.kv_slots), batch):
+                continue  # next step it finds that prefix in the cache instead of computing it again
             pending = len(req.fill_ids) - len(match.kv_slots)
             take = min(pending, chunk_budget)
             if take <= 0 or (take > token_budget and batch):
@@ -184,6 +189,22 @@ class Scheduler:
             admitted_ids = {id(r) for r in admitted}
             self.waiting = [r for r in self.waiting if id(r) not in admitted_ids]
         return batch
+
+    def _shares_uncached_prefix(self, req: Req, cached: int, batch: list[Req]) -> bool:
+        """Whether a request already in this prefill batch computes a long stretch of ``req``'s
+        uncached prefix (as SGLang's in-batch prefix check: defer, don't compute twice)."""
+        if isinstance(self.cache, ChunkCache):
+            return False
+        ids = req.fill_ids
+        for other in batch:
+            theirs = other.fill_ids
+            limit = min(len(ids), len(theirs))
+            if limit - cached < _IN_BATCH_PREFIX_MIN_TOKENS or ids[cached] != theirs[cached]:
+                continue
+            shared = next((i for i in range(cached, limit) if ids[i] != theirs[i]), limit)
+            if shared - cached >= _IN_BATCH_PREFIX_MIN_TOKENS:
+                return True
+        return False
 
     def _free_tokens(self, batch: list[Req]) -> int:
         """KV slots obtainable now (free + evictable) minus the decode reservation of running requests."""

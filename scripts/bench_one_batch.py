@@ -33,7 +33,14 @@ from srt.server_args import ServerArgs
 
 logger = logging.getLogger("bench_one_batch")
 
-_MATH_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product", "aten::matmul", "aten::linear")
+_MATH_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product",
+    "mkldnn::_linear_pointwise",
+)
 
 
 class Timers:
@@ -66,8 +73,10 @@ def make_requests(batch_size: int, input_len: int, output_len: int, vocab: int, 
     ]
 
 
-def run_batch(scheduler: Scheduler, timers: Timers, requests: list[TokenizedGenerateReq]) -> dict[str, float]:
-    """Prefill the batch in one step, then decode to the end; per-step medians of each part."""
+def run_batch(
+    scheduler: Scheduler, timers: Timers, requests: list[TokenizedGenerateReq], decoding=contextlib.nullcontext
+) -> dict[str, float]:
+    """Prefill the batch in one step, then decode to the end (inside ``decoding()``); per-step medians of each part."""
     scheduler.cache.reset()
     for req in requests:
         scheduler.add_request(req)
@@ -76,11 +85,12 @@ def run_batch(scheduler: Scheduler, timers: Timers, requests: list[TokenizedGene
     scheduler.step()
     prefill = time.perf_counter() - start
     steps: list[dict[str, float]] = []
-    while scheduler.has_work():
-        timers.reset()
-        start = time.perf_counter()
-        scheduler.step()
-        steps.append({"step": time.perf_counter() - start, **timers.seconds})
+    with decoding():
+        while scheduler.has_work():
+            timers.reset()
+            start = time.perf_counter()
+            scheduler.step()
+            steps.append({"step": time.perf_counter() - start, **timers.seconds})
     steps = steps[1:] or steps  # the first decode step pays one-off allocations
     median = {key: statistics.median(s.get(key, 0.0) for s in steps) for key in steps[0]}
     return {"prefill": prefill, **median}
@@ -113,7 +123,7 @@ def operator_profile(batch_size: int) -> Iterator[None]:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     math = sum(e.self_cpu_time_total for e in events if e.key.startswith(_MATH_OPS))
-    print(f"  operator profile (batch {batch_size}): matmul + attention kernels {100 * math / total:.1f}% of profiled CPU time")
+    print(f"  decode operator profile (batch {batch_size}): GEMM + attention kernels {100 * math / total:.1f}% of profiled CPU time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
@@ -182,8 +192,7 @@ def main() -> None:
         result = run_batch(scheduler, timers, requests)
         report(batch_size, args.input_len, result)
         if args.profile:
-            with operator_profile(batch_size):
-                run_batch(scheduler, timers, requests)
+            run_batch(scheduler, timers, requests, decoding=lambda: operator_profile(batch_size))
         if args.engine:
             per_step = engine_step_time(args, model_path, requests)
             print(f"    through the Engine: {per_step * 1000:.2f} ms per decode step (IPC + detokenizer + front: "

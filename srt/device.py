@@ -45,6 +45,11 @@ def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype | None, device: torc
     return chosen
 
 
+def prepacks_linear_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """CPU GEMMs run on oneDNN's pre-blocked weights (fp32 and bf16 only)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
 

@@ -13,6 +13,7 @@ from srt import device as devices
 from srt.attention import AttentionBackend, forward_context
 from srt.distributed import tp_size
 from srt.forward_batch import ForwardBatch
+from srt.layers.parallel import PackableWeight, pack_linear_weights
 from srt.mem_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
 from srt.server_args import ServerArgs
@@ -52,6 +53,8 @@ class ModelRunner:
 
         start = time.perf_counter()
         self.model = load_model(model_path, self.config, self.dtype, self.device, server_args.trust_remote_code)
+        if devices.prepacks_linear_weights(self.device, self.dtype):
+            pack_linear_weights(self.model)
         logger.info(
             "loaded %s (%s, %s) in %.1fs",
             type(self.model).__name__,
@@ -91,6 +94,12 @@ class ModelRunner:
         running = args.max_running_requests or max(1, min(4096, max_total // 2))
         logger.info("KV cache: %d tokens (%.1f MiB), up to %d running requests", max_total, max_total * per_token / 2**20, running)
         return MemoryPlan(max_total, running, context)
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (packed GEMM weights counted in their packed form)."""
+        tensors = [*self.model.parameters()]  # plain weights freed by packing have no elements left
+        tensors += [m.packed_weight for m in self.model.modules() if isinstance(m, PackableWeight) and m.packed_weight is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def _probe_kv_shape(self) -> tuple[int, int, int, int]:
