@@ -42,6 +42,24 @@ def _tanh(x):
     return 2 * tl.sigmoid(2 * x) - 1
 
 
+@triton.jit
+def _scores_block(
+    q, slots_row, positions, mask_n, K_Buffer, V_Buffer, kv_head, offs_d, mask_d,
+    stride_kt, stride_kh, stride_vt, stride_vh, scaling, softcap,
+    USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Load one block of keys/values through the request's slot row; scaled (and
+    soft-capped) scores of ``q`` against them. Masking is the caller's."""
+    slots = tl.load(slots_row + positions, mask=mask_n, other=0)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * scaling
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    return v, s
+
+
 # --------------------------------------------------------------------------- decode
 
 
@@ -108,14 +126,10 @@ def _decode_partial_kernel(
     for block_start in range(start, end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = tl.load(slots_row + offs_n, mask=mask_n, other=0)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * scaling
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+        v, s = _scores_block(
+            q, slots_row, offs_n, mask_n, K_Buffer, V_Buffer, kv_head, offs_d, mask_d,
+            stride_kt, stride_kh, stride_vt, stride_vh, scaling, softcap, USE_SOFTCAP, DOT_PRECISION,
+        )
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
         # Online softmax; every block holds at least one key, so m_new is finite.
@@ -294,14 +308,10 @@ def _extend_kernel(
     for block_start in range(lo, hi, BLOCK_N):
         k_pos = block_start + tl.arange(0, BLOCK_N)
         mask_n = k_pos < hi
-        slots = tl.load(slots_row + k_pos, mask=mask_n, other=0)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K_Buffer + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_Buffer + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION) * scaling
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
+        v, s = _scores_block(
+            q, slots_row, k_pos, mask_n, K_Buffer, V_Buffer, kv_head, offs_d, mask_d,
+            stride_kt, stride_kh, stride_vt, stride_vh, scaling, softcap, USE_SOFTCAP, DOT_PRECISION,
+        )
         delta = q_pos[:, None] - k_pos[None, :]
         s = tl.where(mask_n[None, :] & (delta >= 0) & (delta < window), s, float("-inf"))
 
