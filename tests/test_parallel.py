@@ -113,3 +113,21 @@ def test_http_server_with_tp2_streams_a_chat(tmp_path):
         chunks = client.chat.completions.create(**request, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole
+
+
+def test_killing_one_rank_makes_the_server_exit_with_an_error(tmp_path):
+    import os
+    import signal
+
+    import psutil
+
+    from server_process import running_server
+
+    model_dir = build_tiny_model("llama", str(tmp_path))
+    with running_server(model_dir, "--tp", "2", "--max-total-tokens", "256") as (_, proc):
+        spawned = sorted(
+            (c for c in psutil.Process(proc.pid).children() if "spawn" in " ".join(c.cmdline())), key=lambda c: c.pid
+        )
+        assert len(spawned) == 3  # scheduler ranks 0 and 1, then the detokenizer, in start order
+        os.kill(spawned[1].pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
