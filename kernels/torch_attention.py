@@ -1,7 +1,10 @@
-"""Paged attention in plain torch: the CPU backend and the reference for the Triton kernels.
+"""Paged attention on the CPU: the CPU backend and the reference for the Triton kernels.
 
 Per forward, ``prepare`` builds the index tables once for all layers:
-- decode requests (one new token each) are attended together: their KV slots are
+- decode requests (one new token each) are attended together. Where the C kernel
+  (``cpu_kernels``) could be built, it reads their K/V in place through
+  ``req_to_token``; otherwise, and when every request starts with one long shared
+  prefix (cascade attention does that prefix as one GEMM), their KV slots are
   gathered into a padded ``[B, L_max]`` table with a validity mask;
 - extend requests (prompts or prompt chunks, possibly after a cached prefix) are
   attended one by one, each over its own prefix + new tokens with a causal mask.
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from srt.forward_batch import ForwardBatch
+from srt.kernels import cpu_kernels
 
 
 def attend(
@@ -171,12 +175,32 @@ def _shared_prefix_len(slots: torch.Tensor, valid: torch.Tensor) -> int:
 
 
 @dataclass
+class _KernelDecode:
+    """All requests with one new token, for the C kernel, which reads the KV cache in place."""
+
+    rows: torch.Tensor | None  # [B] rows of the batch; None when the batch is all decode requests
+    req_pool_indices: torch.Tensor  # [B] rows of req_to_token
+    seq_lens: torch.Tensor  # [B]
+
+
+def _starts_with_shared_prefix(table_rows: torch.Tensor, seq_lens: torch.Tensor, req_to_token: torch.Tensor) -> bool:
+    """Whether every request's first ``_CASCADE_MIN_SHARED`` KV slots are the same (cheap to ask)."""
+    if table_rows.numel() < 2 or int(seq_lens.min()) < _CASCADE_MIN_SHARED:
+        return False
+    heads = req_to_token[table_rows, :_CASCADE_MIN_SHARED]
+    return bool((heads == heads[:1]).all())
+
+
+@dataclass
 class _Metadata:
     extends: list[_Extend]
-    decode: _Decode | None
+    decode: _Decode | _KernelDecode | None
 
 
 class TorchAttentionBackend:
+    def __init__(self, use_cpu_kernel: bool = True) -> None:
+        self.use_cpu_kernel = use_cpu_kernel
+
     def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         batch.kv_cache.store(layer, batch.out_cache_loc, k, v)
 
@@ -195,7 +219,14 @@ class TorchAttentionBackend:
                 extends.append(_Extend(start, n, batch.req_to_token[row, :seq_len], key_pos, key_pos[seq_len - n :]))
             start += n
         decode = None
-        if decode_reqs:
+        if decode_reqs and self._use_kernel(batch, decode_reqs):
+            all_decode = len(decode_reqs) == batch.batch_size
+            decode = _KernelDecode(
+                None if all_decode else torch.tensor(decode_rows, dtype=torch.int64, device=device),
+                batch.req_pool_indices if all_decode else batch.req_pool_indices[decode_reqs],
+                batch.seq_lens if all_decode else batch.seq_lens[decode_reqs],
+            )
+        elif decode_reqs:
             lens = batch.seq_lens[decode_reqs]
             max_len = max(seq_lens[i] for i in decode_reqs)
             key_pos = torch.arange(max_len, device=device)
@@ -206,6 +237,14 @@ class TorchAttentionBackend:
             own = slots[:, shared:]
             decode = _Decode(rows, slots[0, :shared], own, own.flatten(), valid, key_pos, lens - 1)
         batch.attn_metadata = _Metadata(extends, decode)
+
+    def _use_kernel(self, batch: ForwardBatch, decode_reqs: list[int]) -> bool:
+        if not self.use_cpu_kernel or batch.kv_cache.dtype not in cpu_kernels.KV_DTYPES:
+            return False
+        if batch.input_ids.device.type != "cpu" or not cpu_kernels.available():
+            return False
+        table_rows = batch.req_pool_indices[decode_reqs]
+        return not _starts_with_shared_prefix(table_rows, batch.seq_lens[decode_reqs], batch.req_to_token)
 
     def forward(
         self,
@@ -218,13 +257,24 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         meta: _Metadata = batch.attn_metadata
         k_buffer, v_buffer = batch.kv_cache.k_buffers[layer], batch.kv_cache.v_buffers[layer]
+        if isinstance(meta.decode, _KernelDecode) and meta.decode.rows is None:
+            return cpu_kernels.decode_attention(
+                q, k_buffer, v_buffer, batch.req_to_token, meta.decode.req_pool_indices, meta.decode.seq_lens,
+                scaling, sliding_window, softcap,
+            )  # fmt: skip
         out = q.new_empty(q.shape[0], q.shape[1], v_buffer.shape[-1])
         for ext in meta.extends:
             k = k_buffer.index_select(0, ext.slots).to(q.dtype).transpose(0, 1)[None]
             v = v_buffer.index_select(0, ext.slots).to(q.dtype).transpose(0, 1)[None]
             qe = q[ext.start : ext.start + ext.n].transpose(0, 1)[None]
             out[ext.start : ext.start + ext.n] = attend(qe, k, v, ext.mask(sliding_window), scaling, softcap)[0].transpose(0, 1)
-        if meta.decode is not None:
+        if isinstance(meta.decode, _KernelDecode):
+            dec = meta.decode
+            out[dec.rows] = cpu_kernels.decode_attention(
+                q[dec.rows], k_buffer, v_buffer, batch.req_to_token, dec.req_pool_indices, dec.seq_lens,
+                scaling, sliding_window, softcap,
+            )  # fmt: skip
+        elif meta.decode is not None:
             dec = meta.decode
             k_shared, k = (None if t is None else t.to(q.dtype) for t in dec.gather(k_buffer, "k"))
             v_shared, v = (None if t is None else t.to(q.dtype) for t in dec.gather(v_buffer, "v"))

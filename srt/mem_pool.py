@@ -52,14 +52,17 @@ class KVSlotAllocator:
             return None
         taken = self._free[len(self._free) - n :]
         del self._free[len(self._free) - n :]
+        taken.reverse()
         return torch.tensor(taken, dtype=torch.int64, device=self.device)
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
-            self._free.extend(slots.tolist())
+            self._free.extend(reversed(slots.tolist()))
 
     def clear(self) -> None:
-        # Popped from the end, so low slots go out first (denser gathers early on).
+        # The free list is a stack whose top (its end) holds the lowest slots, and ``alloc``
+        # hands out a run in ascending order: a prompt's K/V lie in memory in position order,
+        # which attention reads fastest.
         self._free = list(range(self.size, 0, -1))
 
 

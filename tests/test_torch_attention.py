@@ -1,5 +1,6 @@
-"""The torch (CPU) attention backend against plain per-request attention, including the
-cascade path where decoding requests share a cached prefix."""
+"""The CPU attention backend against plain per-request attention: the C decode kernel that
+reads the KV cache in place, the torch gather path, and the cascade path where decoding
+requests share a cached prefix."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from srt.forward_batch import ForwardBatch
-from srt.kernels.torch_attention import TorchAttentionBackend
+from srt.kernels import cpu_kernels
+from srt.kernels.torch_attention import TorchAttentionBackend, _KernelDecode
 from srt.mem_pool import KVCache
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
@@ -28,9 +30,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, windo
     return torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
 
 
-@pytest.mark.parametrize("shared_len", [0, 70, 100])
-@pytest.mark.parametrize("window,softcap", [(None, None), (30, None), (None, 3.0)])
-def test_decode_batch_matches_per_request_attention(shared_len, window, softcap):
+def decode_batch(shared_len: int) -> tuple[ForwardBatch, list[int]]:
+    """Three decoding requests whose keys start with ``shared_len`` shared KV slots."""
     torch.manual_seed(0)
     cache = KVCache(600, 1, KV_HEADS, DIM, DIM, torch.float32, torch.device("cpu"))
     cache.k_buffers[0][1:] = torch.randn(600, KV_HEADS, DIM)
@@ -55,12 +56,79 @@ def test_decode_batch_matches_per_request_attention(shared_len, window, softcap)
         req_to_token=table,
         kv_cache=cache,
     )
-    backend = TorchAttentionBackend()
-    backend.prepare(batch)
-    assert batch.attn_metadata.decode.shared_slots.numel() == shared_len
+    return batch, seq_lens
+
+
+def assert_matches_reference(backend: TorchAttentionBackend, batch: ForwardBatch, seq_lens: list[int], window, softcap) -> None:
     q = torch.randn(3, HEADS, DIM)
     out = backend.forward(q, 0, batch, DIM**-0.5, window, softcap)
+    k_buffer, v_buffer = batch.kv_cache.k_buffers[0], batch.kv_cache.v_buffers[0]
     for r, s in enumerate(seq_lens):
-        slots = table[r, :s]
-        want = reference(q[r], cache.k_buffers[0][slots], cache.v_buffers[0][slots], s - 1, window, softcap, DIM**-0.5)
+        slots = batch.req_to_token[r, :s]
+        want = reference(q[r], k_buffer[slots], v_buffer[slots], s - 1, window, softcap, DIM**-0.5)
         torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_cpu_kernel", [True, False])
+@pytest.mark.parametrize("shared_len", [0, 70, 100])
+@pytest.mark.parametrize("window,softcap", [(None, None), (30, None), (None, 3.0)])
+def test_decode_batch_matches_per_request_attention(use_cpu_kernel, shared_len, window, softcap):
+    batch, seq_lens = decode_batch(shared_len)
+    backend = TorchAttentionBackend(use_cpu_kernel)
+    backend.prepare(batch)
+    if use_cpu_kernel and not shared_len:
+        assert isinstance(batch.attn_metadata.decode, _KernelDecode)
+    else:  # without the kernel, or with a shared prefix that cascade attention does as one GEMM
+        assert batch.attn_metadata.decode.shared_slots.numel() == shared_len
+    assert_matches_reference(backend, batch, seq_lens, window, softcap)
+
+
+def test_without_a_compiler_the_backend_gathers(monkeypatch, tmp_path):
+    monkeypatch.setenv("SRT_CACHE_DIR", str(tmp_path))  # no cached build to fall back on
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        batch, seq_lens = decode_batch(0)
+        backend = TorchAttentionBackend()
+        backend.prepare(batch)
+        assert not isinstance(batch.attn_metadata.decode, _KernelDecode)
+        assert_matches_reference(backend, batch, seq_lens, None, None)
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (50, None), (None, 4.0)])
+def test_cpu_kernel_matches_reference_on_scattered_slots(dtype, heads, kv_heads, window, softcap):
+    """Ragged lengths (one longer than many spans, one of a single key), slots in no
+    particular order, rows of req_to_token out of order, head dims not a power of two."""
+    torch.manual_seed(1)
+    dim, v_dim, lens = 24, 40, [1, 7, 300, 129, 64]
+    slots_total = sum(lens) + 1
+    k_buffer = torch.randn(slots_total, kv_heads, dim).to(dtype)
+    v_buffer = torch.randn(slots_total, kv_heads, v_dim).to(dtype)
+    shuffled = torch.randperm(slots_total - 1) + 1
+    table = torch.zeros(8, 320, dtype=torch.int64)
+    rows = torch.tensor([5, 0, 7, 2, 3])
+    used = 0
+    for row, n in zip(rows.tolist(), lens):
+        table[row, :n] = shuffled[used : used + n]
+        used += n
+    q = torch.randn(len(lens), heads, dim).to(dtype)
+    out = cpu_kernels.decode_attention(q, k_buffer, v_buffer, table, rows, torch.tensor(lens), 0.2, window, softcap)
+    assert out.dtype == dtype and out.shape == (len(lens), heads, v_dim)
+    group = heads // kv_heads
+    for b, (row, n) in enumerate(zip(rows.tolist(), lens)):
+        k = k_buffer[table[row, :n]].float().repeat_interleave(group, dim=1)
+        v = v_buffer[table[row, :n]].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * 0.2
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if window is not None:
+            scores[:, : max(0, n - window)] = float("-inf")
+        want = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out[b].float(), want, atol=tolerance, rtol=tolerance)
