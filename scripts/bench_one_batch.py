@@ -156,6 +156,7 @@ def server_kwargs(args: argparse.Namespace) -> dict:
         "max_prefill_tokens": tokens,
         "chunked_prefill_size": -1,
         "attention_backend": args.attention_backend,
+        "enable_torch_compile": args.enable_torch_compile,
         "log_level": "warning",
     }
 
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enable-torch-compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="operator-level profile of one decode run per batch size")
     parser.add_argument("--engine", action="store_true", help="also time decode steps through the process-based Engine")

@@ -56,6 +56,7 @@ def forward_context(batch: ForwardBatch, backend: AttentionBackend) -> Iterator[
 _current: tuple[ForwardBatch, AttentionBackend] | None = None
 
 
+@torch.compiler.disable  # under --enable-torch-compile the backends run eagerly: they index on the host
 def srt_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

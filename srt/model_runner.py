@@ -55,6 +55,8 @@ class ModelRunner:
         self.model = load_model(model_path, self.config, self.dtype, self.device, server_args.trust_remote_code)
         if devices.prepacks_linear_weights(self.device, self.dtype):
             pack_linear_weights(self.model)
+        if server_args.enable_torch_compile:
+            compile_decoder_layers(self.model)
         logger.info(
             "loaded %s (%s, %s) in %.1fs",
             type(self.model).__name__,
@@ -130,6 +132,26 @@ class ModelRunner:
                 logits_to_keep=batch.last_token_indices,
             )
         return out.logits[0].float()
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` every decoder layer (the modules the model repeats) with dynamic shapes,
+    so norms, rotary embeddings, activations and residual adds fuse around the GEMMs. The
+    attention function is left to run eagerly (a graph break), and one compiled graph
+    serves every layer and every batch size."""
+    layers = _repeated_layers(model)
+    if layers is None:
+        logger.warning("--enable-torch-compile: no decoder layer list found in %s; running eagerly", type(model).__name__)
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)
+    logger.info("torch.compile: %d decoder layers (compiled on first use)", len(layers))
+
+
+def _repeated_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's longest ModuleList: its stack of decoder layers."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len, default=None)
 
 
 class _KVShapeProbe:

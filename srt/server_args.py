@@ -39,6 +39,7 @@ class ServerArgs:
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    enable_torch_compile: bool = field(default=False, metadata={"help": "compile each decoder layer with torch.compile (attention stays eager)"})
     random_seed: int | None = None
 
     # Memory and scheduling

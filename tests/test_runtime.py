@@ -63,8 +63,9 @@ def test_second_run_is_served_from_the_prefix_cache(engine, expected):
         {"chunked_prefill_size": 8},
         {"chunked_prefill_size": 8, "schedule_policy": "lpm"},
         {"schedule_policy": "dfs-weight", "max_prefill_tokens": 16},
+        {"enable_torch_compile": True},
     ],
-    ids=["radix-off", "chunked", "chunked-lpm", "dfs-weight"],
+    ids=["radix-off", "chunked", "chunked-lpm", "dfs-weight", "torch-compile"],
 )
 def test_parity_under_scheduling_options(llama_dir, expected, options):
     prompts = make_prompts()

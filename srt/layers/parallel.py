@@ -54,20 +54,41 @@ def _split(size: int, what: str) -> int:
     return size // tp_size()
 
 
+# Pre-blocked oneDNN weights by key. torch.compile cannot trace oneDNN's opaque weight
+# tensors, so the GEMM on them is a custom op that receives the key instead.
+_PACKED_WEIGHTS: list[torch.Tensor] = []
+
+
+@torch.library.custom_op("srt::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, key: int, out_features: int) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED_WEIGHTS[key], bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, bias: torch.Tensor | None, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class PackableWeight:
     """A layer whose GEMM can use oneDNN's pre-blocked weight layout on CPU (1.3-2.5x faster
     than ``F.linear`` measured here, fp32 and bf16). ``pack`` is called once after loading."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_key: int | None = None
 
     def pack(self, keep_plain: bool) -> None:
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+        self.packed_key = len(_PACKED_WEIGHTS)
+        self.packed_out_features = self.weight.shape[0]
+        _PACKED_WEIGHTS.append(torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()))
         if not keep_plain:  # nothing else reads it: don't hold the weights twice
             self.weight.data = self.weight.data.new_empty(0)
 
+    @property
+    def packed_weight(self) -> torch.Tensor | None:
+        return None if self.packed_key is None else _PACKED_WEIGHTS[self.packed_key]
+
     def gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        if self.packed_key is not None:
+            return packed_linear(x, bias, self.packed_key, self.packed_out_features)
         return F.linear(x, self.weight, bias)
 
 
