@@ -340,10 +340,16 @@ def count_tokens(results: list[RequestResult], tokenizer: PreTrainedTokenizerBas
 # ---- the run ------------------------------------------------------------------------------------
 
 
-async def arrivals(rows: list[DatasetRow], request_rate: float, rng: np.random.Generator) -> AsyncIterator[DatasetRow]:
-    """Yield rows as a Poisson process of rate ``request_rate`` (all at once when infinite)."""
+async def arrivals(
+    rows: list[DatasetRow], request_rate: float, rng: np.random.Generator, ramp_up: float = 0.0, ramp_up_count: int = 0
+) -> AsyncIterator[DatasetRow]:
+    """Yield rows as a Poisson process of rate ``request_rate`` (all at once when infinite). With
+    ``ramp_up`` seconds, the first ``ramp_up_count`` rows are spread evenly over that time instead:
+    clients that join one after another rather than in one synchronized burst."""
     for i, row in enumerate(rows):
-        if i and request_rate != float("inf"):
+        if i and i < ramp_up_count:
+            await asyncio.sleep(ramp_up / ramp_up_count)
+        elif i and request_rate != float("inf"):
             await asyncio.sleep(rng.exponential(1.0 / request_rate))
         yield row
 
@@ -378,7 +384,9 @@ async def benchmark(args: argparse.Namespace, rows: list[DatasetRow]) -> tuple[l
 
         start = time.perf_counter()
         rng = np.random.default_rng(args.seed)
-        tasks = [asyncio.create_task(run_one(row)) async for row in arrivals(rows, args.request_rate, rng)]
+        ramp_up_count = (args.max_concurrency or len(rows)) if args.ramp_up_seconds else 0
+        stream = arrivals(rows, args.request_rate, rng, args.ramp_up_seconds, ramp_up_count)
+        tasks = [asyncio.create_task(run_one(row)) async for row in stream]
         results = await asyncio.gather(*tasks)
         return results, time.perf_counter() - start
 
@@ -435,6 +443,7 @@ def print_report(args: argparse.Namespace, m: dict[str, Any]) -> None:
     row("Dataset:", args.dataset_name)
     row("Traffic request rate:", args.request_rate)
     row("Max request concurrency:", args.max_concurrency or "not set")
+    row("Ramp-up (s):", args.ramp_up_seconds)
     row("Streaming:", "no" if args.disable_stream else "yes")
     row("Successful requests:", m["completed"])
     row("Failed requests:", m["failed"])
@@ -457,6 +466,7 @@ def print_report(args: argparse.Namespace, m: dict[str, Any]) -> None:
 
 def write_jsonl(args: argparse.Namespace, metrics: dict[str, Any], results: list[RequestResult]) -> None:
     settings = ("backend", "base_url", "model", "tokenizer", "dataset_name", "num_prompts", "request_rate", "max_concurrency",
+                "ramp_up_seconds",
                 "seed", "disable_stream", "disable_ignore_eos", "flush_cache",
                 "random_input_len", "random_output_len", "random_range_ratio",
                 "gsp_num_groups", "gsp_prompts_per_group", "gsp_system_prompt_len", "gsp_question_len", "gsp_output_len")
@@ -526,6 +536,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gsp-output-len", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf (default): all at once")
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    p.add_argument(
+        "--ramp-up-seconds",
+        type=float,
+        default=0.0,
+        help="start the first --max-concurrency requests (all, if unset) evenly over this time instead of at once",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per request (default 600)")
     p.add_argument("--disable-stream", action="store_true", help="non-streaming requests (TTFT = E2E latency)")
