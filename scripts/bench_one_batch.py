@@ -128,24 +128,18 @@ def operator_profile(batch_size: int) -> Iterator[None]:
 
 
 def engine_step_time(args: argparse.Namespace, model_path: str, requests: list[TokenizedGenerateReq]) -> float:
-    """Seconds per decode step through the process-based Engine (IPC and detokenizer included):
-    the time of the whole generation minus that of prefill + one token, per remaining step."""
+    """Median seconds between decode steps as the process-based Engine streams them (IPC and
+    detokenization included): the gaps between consecutive outputs of the first request."""
     import srt
 
     ids = [r.input_ids for r in requests]
     params = requests[0].sampling_params
     with srt.Engine(model_path=model_path, **server_kwargs(args)) as engine:
-
-        def timed(max_new_tokens: int) -> float:
-            engine.flush_cache()
-            start = time.perf_counter()
-            engine.generate(input_ids=ids, sampling_params={**params, "max_new_tokens": max_new_tokens})
-            return time.perf_counter() - start
-
-        timed(2)  # warm-up
-        one = timed(1)
-        full = timed(params["max_new_tokens"])
-    return (full - one) / (params["max_new_tokens"] - 1)
+        engine.generate(input_ids=ids, sampling_params={**params, "max_new_tokens": 2})  # warm-up
+        engine.flush_cache()
+        arrivals = [time.perf_counter() for item in engine.generate(input_ids=ids, sampling_params=params, stream=True) if item["index"] == 0]
+    gaps = [later - earlier for earlier, later in zip(arrivals[1:], arrivals[2:])]  # after the first decode step
+    return statistics.median(gaps)
 
 
 def server_kwargs(args: argparse.Namespace) -> dict:
