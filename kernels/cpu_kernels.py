@@ -75,7 +75,7 @@ def _build(compiler: str, target: str) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, _SOURCE, "-o", partial, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_FLAGS, _SOURCE, "-o", partial, "-lmvec", "-lm"], check=True, capture_output=True, text=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
