@@ -18,6 +18,7 @@ class Req:
     stop_ids: list[int]  # EOS ids (unless ignore_eos) and stop_token_ids
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    stream: bool = True  # an output every step; otherwise one output when the request finishes
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -31,6 +32,10 @@ class Req:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
     announced: bool = False  # the detokenizer has had this request's DetokInit
+    # What the next output carries: output_ids[sent_len:] and their logprobs.
+    sent_len: int = 0
+    unsent_logprobs: list[float] = field(default_factory=list)
+    unsent_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     # Per-step scratch set by the scheduler when the request joins a batch.
     extend_len: int = 0

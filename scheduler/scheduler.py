@@ -86,7 +86,7 @@ class Scheduler:
             return ReqOutput(msg.rid, [], {"type": "abort", "message": str(e), "status_code": 400}, len(msg.input_ids), 0, 0, detok_init=DetokInit([], [], True, True, False))
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
-        req = Req(msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num)
+        req = Req(msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num, msg.stream)
         self.waiting.append(req)
         return None
 
@@ -105,7 +105,7 @@ class Scheduler:
     def _finish_now(self, req: Req, reason: dict) -> ReqOutput:
         req.finish_reason = reason
         self._release(req)
-        return self._output(req, [])
+        return self._output(req)
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache; refused (False) while requests are in flight."""
@@ -345,15 +345,15 @@ class Scheduler:
             if req.remaining_new_tokens() <= 0:  # max_new_tokens == 0: the prompt only
                 req.finish_reason = {"type": "length", "length": 0}
                 self._release(req)
-                outputs.append(self._output(req, []))
+                outputs.append(self._output(req))
                 continue
             req.output_ids.append(token)
-            self._check_finished(req, token)
-            out = self._output(req, [token])
             if logprobs is not None and req.return_logprob:
-                out.logprobs = [logprobs.chosen[i]]
-                out.top_logprobs = [logprobs.top[i]]
-            outputs.append(out)
+                req.unsent_logprobs.append(logprobs.chosen[i])
+                req.unsent_top_logprobs.append(logprobs.top[i])
+            self._check_finished(req, token)
+            if req.stream or req.finished:
+                outputs.append(self._output(req))
             if req.finished:
                 if req in self.running:
                     self.running.remove(req)
@@ -377,7 +377,11 @@ class Scheduler:
         tail = self.tokenizer.decode(req.output_ids[-(longest + 4) :], skip_special_tokens=req.params.skip_special_tokens)
         return next((s for s in req.params.stop if s in tail), None)
 
-    def _output(self, req: Req, new_ids: list[int]) -> ReqOutput:
+    def _output(self, req: Req) -> ReqOutput:
+        """What the request generated since its last output (all of it at once for a request
+        that does not stream, as SGLang does: nobody reads the steps in between)."""
+        new_ids = req.output_ids[req.sent_len :]
+        req.sent_len = len(req.output_ids)
         detok_init = None
         if not req.announced:
             req.announced = True
@@ -385,15 +389,19 @@ class Scheduler:
             detok_init = DetokInit(
                 req.input_ids[-CONTEXT_TOKENS:], p.stop, p.skip_special_tokens, p.spaces_between_special_tokens, p.no_stop_trim
             )
-        return ReqOutput(
+        out = ReqOutput(
             rid=req.rid,
             new_token_ids=new_ids,
             finish_reason=req.finish_reason,
             prompt_tokens=len(req.input_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens,
+            logprobs=req.unsent_logprobs,
+            top_logprobs=req.unsent_top_logprobs,
             detok_init=detok_init,
         )
+        req.unsent_logprobs, req.unsent_top_logprobs = [], []
+        return out
 
     # ---- logging -----------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ class Engine:
     async def _collect_all(self, requests, return_logprob: bool, top_n: int) -> list[dict]:
         async def one(ids, params) -> dict:
             result = None
-            async for out in self.tokenizer_manager.generate_stream(ids, params, None, return_logprob, top_n):
+            async for out in self.tokenizer_manager.generate_stream(ids, params, None, return_logprob, top_n, stream=False):
                 result = _merge(result, _as_dict(out))
             return result
 

@@ -248,7 +248,7 @@ def _add_native_routes(app: FastAPI) -> None:
         for ids, sp in zip(prompts, params):
             check_or_400(tm, ids, sp)
         streams = [
-            tm.generate_stream(ids, sp, rid, body.return_logprob, body.top_logprobs_num)
+            tm.generate_stream(ids, sp, rid, body.return_logprob, body.top_logprobs_num, stream=body.stream)
             for ids, sp, rid in zip(prompts, params, rids)
         ]
         if body.stream:

@@ -16,7 +16,7 @@ class TokenizedGenerateReq:
     sampling_params: dict[str, Any]
     return_logprob: bool = False
     top_logprobs_num: int = 0
-    stream: bool = False
+    stream: bool = True  # False: the scheduler sends one output, when the request finishes
 
 
 @dataclass

@@ -43,6 +43,9 @@ class Metrics:
         elif new_tokens:
             for _ in range(new_tokens):
                 self.itl.observe(since_last_s / new_tokens)
+        self.count_tokens(new_tokens)
+
+    def count_tokens(self, new_tokens: int) -> None:
         self.generation_tokens.inc(new_tokens)
 
     def observe_finished(self, prompt_tokens: int, cached_tokens: int, e2e_s: float) -> None:

@@ -95,7 +95,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     tm: TokenizerManager = request.app.state.tokenizer_manager
     prompts = _completion_prompts(tm, body.prompt)
     max_new = [_max_new_tokens(tm, len(ids), body.max_tokens, "prompt", "max_tokens") for ids in prompts]
-    gen = _Generation(tm, f"cmpl-{uuid.uuid4().hex}", _jobs(tm, body, prompts, max_new), body.logprobs, prompts)
+    gen = _Generation(tm, f"cmpl-{uuid.uuid4().hex}", _jobs(tm, body, prompts, max_new), body.logprobs, prompts, body.stream)
 
     def choice(index: int, text: str, logprobs: CompletionLogprobs | None, reason: dict | None) -> CompletionChoice:
         return CompletionChoice(
@@ -146,7 +146,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     max_new = _max_new_tokens(tm, len(input_ids), getattr(body, limit), "messages", limit)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     jobs = _jobs(tm, body, [input_ids], [max_new])
-    gen = _Generation(tm, f"chatcmpl-{uuid.uuid4().hex}", jobs, top_logprobs, [input_ids])
+    gen = _Generation(tm, f"chatcmpl-{uuid.uuid4().hex}", jobs, top_logprobs, [input_ids], body.stream)
 
     def logprobs_of(token_ids: list[int], logprobs: list[float], tops: list[list]) -> ChatLogprobs | None:
         return _chat_logprobs(tm.tokenizer, token_ids, logprobs, tops) if body.logprobs else None
@@ -364,6 +364,7 @@ class _Generation:
     jobs: list[_Job]
     top_logprobs: int | None  # None: no logprobs
     prompts: list[list[int]]
+    stream: bool
     created: int = field(default_factory=lambda: int(time.time()))
 
     async def outputs(self) -> AsyncIterator[tuple[int, ReqOutput]]:
@@ -376,7 +377,9 @@ class _Generation:
         async def pump(index: int, job: _Job) -> None:
             try:
                 rid = f"{self.id}-{index}"
-                async for out in self.tm.generate_stream(job.input_ids, job.sampling_params, rid, want_logprobs, top_n):
+                async for out in self.tm.generate_stream(
+                    job.input_ids, job.sampling_params, rid, want_logprobs, top_n, stream=self.stream
+                ):
                     queue.put_nowait((index, out))
                 queue.put_nowait((index, None))  # this choice is complete
             except Exception as e:  # a dead runtime: re-raised in the consumer

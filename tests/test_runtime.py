@@ -132,6 +132,25 @@ def test_streaming_equals_non_streaming(engine):
     assert pieces[-1]["meta_info"]["finish_reason"] == full["meta_info"]["finish_reason"]
 
 
+def test_a_request_that_does_not_stream_gets_everything_in_one_output(engine):
+    """Non-streaming callers (``generate`` without ``stream``, non-streaming HTTP requests) get a
+    single output at the end holding every token, its text and logprobs: the same as the steps."""
+    prompt = make_prompts()[2]
+
+    async def outputs(stream: bool) -> list:
+        tm = engine.tokenizer_manager
+        return [out async for out in tm.generate_stream(prompt, GREEDY, None, True, 2, stream=stream)]
+
+    steps = asyncio.run_coroutine_threadsafe(outputs(True), engine._loop).result()
+    (whole,) = asyncio.run_coroutine_threadsafe(outputs(False), engine._loop).result()
+    assert len(steps) == MAX_NEW
+    assert whole.new_token_ids == [t for out in steps for t in out.new_token_ids]
+    assert whole.text == "".join(out.text for out in steps)
+    assert whole.logprobs == pytest.approx([lp for out in steps for lp in out.logprobs])
+    assert [[t for t, _ in top] for top in whole.top_logprobs] == [[t for t, _ in top] for out in steps for top in out.top_logprobs]
+    assert whole.finish_reason == steps[-1].finish_reason and whole.completion_tokens == MAX_NEW
+
+
 def test_stop_string_across_tokens_is_trimmed(engine):
     prompt = make_prompts()[2]
     params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True, "logit_bias": {str(t): 8.0 for t in range(97, 123)}}

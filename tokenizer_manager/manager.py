@@ -107,15 +107,19 @@ class TokenizerManager:
         rid: str | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        stream: bool = True,
     ) -> AsyncIterator[ReqOutput]:
-        """Outputs of one request, step by step, the last one carrying ``finish_reason``."""
+        """Outputs of one request, step by step, the last one carrying ``finish_reason``. With
+        ``stream=False`` the scheduler sends only that last output, holding every token:
+        callers that just collect the result spare the detokenizer and this process a
+        wake-up per step."""
         self.check_request(input_ids, sampling_params)
         self._raise_if_failed()
         rid = rid or uuid.uuid4().hex
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
         state = self.states[rid] = _ReqState(self._pick_replica())
-        msg = TokenizedGenerateReq(rid, list(input_ids), dict(sampling_params or {}), return_logprob, top_logprobs_num)
+        msg = TokenizedGenerateReq(rid, list(input_ids), dict(sampling_params or {}), return_logprob, top_logprobs_num, stream)
         arrival = last = time.perf_counter()
         try:
             await self._to_replicas[state.replica].send(msg)
@@ -125,7 +129,10 @@ class TokenizerManager:
                     raise out
                 now = time.perf_counter()
                 if self.metrics is not None:
-                    self.metrics.observe_tokens(len(out.new_token_ids), now - last, first=last == arrival)
+                    if stream:
+                        self.metrics.observe_tokens(len(out.new_token_ids), now - last, first=last == arrival)
+                    else:  # one output at the end: no first-token or inter-token time to observe
+                        self.metrics.count_tokens(len(out.new_token_ids))
                     if out.finish_reason is not None:
                         self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - arrival)
                 last = now
