@@ -13,6 +13,7 @@ Masks for a sliding window are derived on first use and reused by later layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,59 @@ def decode_attend(
         shared_out = torch.bmm(shared_probs, v_shared.transpose(0, 1)).view(kv_heads, batch, group, -1)
         out += shared_out.transpose(0, 1)
     return out.reshape(batch, heads, -1)
+
+
+# ---- references for the kernels (the Triton ones and the C decode kernel) ------------------
+
+
+def extend_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: Sequence[int],
+    extend_lens: Sequence[int],
+    scaling: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """What ``extend_attention`` computes, request by request in fp32 (rows packed in request order)."""
+    out = q.new_empty(q.shape[0], q.shape[1], v_buffer.shape[-1])
+    start = 0
+    for row, prefix_len, n in zip(req_pool_indices.tolist(), prefix_lens, extend_lens):
+        prefix_len, n = int(prefix_len), int(n)
+        slots = req_to_token[row, : prefix_len + n]
+        k = k_buffer[slots].float().transpose(0, 1)[None]
+        v = v_buffer[slots].float().transpose(0, 1)[None]
+        qr = q[start : start + n].float().transpose(0, 1)[None]
+        delta = torch.arange(prefix_len, prefix_len + n)[:, None] - torch.arange(prefix_len + n)[None, :]
+        mask = delta >= 0
+        if sliding_window is not None:
+            mask &= delta < sliding_window
+        mask = mask.to(q.device)[None, None]
+        out[start : start + n] = attend(qr, k, v, mask, scaling, softcap)[0].transpose(0, 1).to(q.dtype)
+        start += n
+    return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """What ``decode_attention`` computes: an extend of one token after ``seq_lens - 1`` cached ones."""
+    prefix_lens = [n - 1 for n in seq_lens.tolist()]
+    return extend_attention_ref(
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, [1] * len(prefix_lens),
+        scaling, sliding_window, softcap,
+    )  # fmt: skip
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Paged attention in Triton, with the plain-torch references the kernels are tested against.
+"""Paged attention in Triton. The plain-torch references the kernels are tested against live in
+``torch_attention`` (the C decode kernel shares them) and are re-exported here.
 
 Every kernel reads request ``b``'s K/V through its row of ``req_to_token``: position
 ``p`` of the request lives in KV slot ``req_to_token[req_pool_indices[b], p]`` of the
@@ -24,13 +25,11 @@ next power of two and the extra lanes are masked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
-from srt.kernels.torch_attention import attend
+from srt.kernels.torch_attention import attend, decode_attention_ref, extend_attention_ref  # noqa: F401 (the kernels' references)
 
 # "No sliding window" as a window wider than any context: keeps the masks branch-free.
 _NO_WINDOW = 1 << 30
@@ -460,55 +459,6 @@ def _check_shapes(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     assert q.stride(-1) == 1 and k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1, "head_dim must be contiguous"
 
 
-# --------------------------------------------------------------------------- torch references
-
-
-def extend_attention_ref(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    prefix_lens: Sequence[int],
-    extend_lens: Sequence[int],
-    scaling: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """What ``extend_attention`` computes, request by request in fp32 (rows packed in request order)."""
-    out = q.new_empty(q.shape[0], q.shape[1], v_buffer.shape[-1])
-    start = 0
-    for row, prefix_len, n in zip(req_pool_indices.tolist(), prefix_lens, extend_lens):
-        prefix_len, n = int(prefix_len), int(n)
-        slots = req_to_token[row, : prefix_len + n]
-        k = k_buffer[slots].float().transpose(0, 1)[None]
-        v = v_buffer[slots].float().transpose(0, 1)[None]
-        qr = q[start : start + n].float().transpose(0, 1)[None]
-        delta = torch.arange(prefix_len, prefix_len + n)[:, None] - torch.arange(prefix_len + n)[None, :]
-        mask = (delta >= 0) & (delta < _window(sliding_window))
-        mask = mask.to(q.device)[None, None]
-        out[start : start + n] = attend(qr, k, v, mask, scaling, softcap)[0].transpose(0, 1).to(q.dtype)
-        start += n
-    return out
-
-
-def decode_attention_ref(
-    q: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scaling: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """What ``decode_attention`` computes: an extend of one token after ``seq_lens - 1`` cached ones."""
-    prefix_lens = [n - 1 for n in seq_lens.tolist()]
-    return extend_attention_ref(
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, [1] * len(prefix_lens),
-        scaling, sliding_window, softcap,
-    )  # fmt: skip
 
 
 def store_kv_ref(k_buffer: torch.Tensor, v_buffer: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -1,4 +1,13 @@
+import os
+
 import pytest
+import torch
+
+# Triton kernels decide at decoration time (when triton.language and the kernel module are
+# first imported) whether they run interpreted. Without a GPU they can only run in the
+# interpreter, and any test may be the first to import them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

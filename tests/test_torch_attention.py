@@ -9,8 +9,7 @@ import torch
 
 from srt.forward_batch import ForwardBatch
 from srt.kernels import cpu_kernels
-from srt.kernels.torch_attention import TorchAttentionBackend, _KernelDecode
-from srt.kernels.triton_attention import decode_attention_ref
+from srt.kernels.torch_attention import TorchAttentionBackend, _KernelDecode, decode_attention_ref
 from srt.mem_pool import KVCache
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
