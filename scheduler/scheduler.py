@@ -134,13 +134,12 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------
 
     def step(self) -> list[ReqOutput]:
-        batch = self._schedule_prefill()
-        if batch:
-            return self._run(batch, prefill=True)
-        if self.running:
-            batch = self._schedule_decode()
-            return self._run(batch, prefill=False)
-        return []
+        """Prefill what fits, else decode every running request; with ``--enable-mixed-chunk``
+        the running requests decode in the same forward as the prefill (their inter-token
+        latency no longer waits for other requests' prompts)."""
+        prefill = self._schedule_prefill()
+        decode = self._schedule_decode() if self.running and (not prefill or self.args.enable_mixed_chunk) else []
+        return self._run(prefill, decode) if prefill or decode else []
 
     def _schedule_prefill(self) -> list[Req]:
         batch: list[Req] = []
@@ -275,24 +274,24 @@ class Scheduler:
 
     # ---- forward, sample, finish ------------------------------------------------------
 
-    def _run(self, batch: list[Req], prefill: bool) -> list[ReqOutput]:
+    def _run(self, prefill: list[Req], decode: list[Req]) -> list[ReqOutput]:
+        batch = prefill + decode
         forward_batch = self._forward_batch(batch)
         logits = self.runner.forward(forward_batch)
         for req in batch:
             req.kv_len += req.extend_len
-        if prefill:
-            for req in batch:
-                self._cache_prefix(req)
+        for req in prefill:
+            self._cache_prefix(req)
         # Requests whose whole prompt (or decode token) is now in the cache get a next token;
         # a request in the middle of a chunked prefill does not.
         sampled = [(i, r) for i, r in enumerate(batch) if r.pending_len == 0]
         outputs = self._sample([r for _, r in sampled], logits[[i for i, _ in sampled]]) if sampled else []
         if prefill:
-            self.running.extend(r for _, r in sampled if not r.finished)
-            self._log_prefill(batch)
-        else:
+            self.running.extend(r for i, r in sampled if i < len(prefill) and not r.finished)
+            self._log_prefill(prefill)
+        if decode:
             self._decode_steps += 1
-            self._generated_since_log += len(batch)
+            self._generated_since_log += len(decode)
             if self._decode_steps % self.args.decode_log_interval == 0:
                 self._log_decode()
         return outputs

@@ -50,6 +50,7 @@ class ServerArgs:
     chunked_prefill_size: int | None = field(default=None, metadata={"help": "split prompts longer than this across steps; -1 disables (default 8192 on CUDA, 2048 on CPU)"})
     schedule_policy: Literal["fcfs", "lpm", "dfs-weight"] = "fcfs"
     disable_radix_cache: bool = False
+    enable_mixed_chunk: bool = field(default=False, metadata={"help": "running requests decode in the same forward as a prefill"})
     page_size: int = 1
 
     # Parallelism

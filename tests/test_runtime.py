@@ -64,8 +64,9 @@ def test_second_run_is_served_from_the_prefix_cache(engine, expected):
         {"chunked_prefill_size": 8, "schedule_policy": "lpm"},
         {"schedule_policy": "dfs-weight", "max_prefill_tokens": 16},
         {"enable_torch_compile": True},
+        {"enable_mixed_chunk": True, "chunked_prefill_size": 8},
     ],
-    ids=["radix-off", "chunked", "chunked-lpm", "dfs-weight", "torch-compile"],
+    ids=["radix-off", "chunked", "chunked-lpm", "dfs-weight", "torch-compile", "mixed-chunk"],
 )
 def test_parity_under_scheduling_options(llama_dir, expected, options):
     prompts = make_prompts()
@@ -81,14 +82,15 @@ def test_parity_under_scheduling_options(llama_dir, expected, options):
     assert (sum(cached) == 0) if options.get("disable_radix_cache") else all(c > 0 for c in cached)
 
 
-def test_retraction_keeps_outputs_exact(llama_dir):
+@pytest.mark.parametrize("mixed_chunk", [False, True], ids=["prefill-or-decode", "mixed-chunk"])
+def test_retraction_keeps_outputs_exact(llama_dir, mixed_chunk):
     rng = random.Random(1)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randrange(8, 24))] for _ in range(12)]
     params = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
     with srt.Engine(model_path=llama_dir, dtype="float32", max_total_tokens=4096) as roomy:
         want = [o["output_ids"] for o in roomy.generate(input_ids=prompts, sampling_params=params)]
     # 12 requests need up to ~12 * 63 slots; 200 forces the scheduler to retract while decoding.
-    with srt.Engine(model_path=llama_dir, dtype="float32", max_total_tokens=200) as tight:
+    with srt.Engine(model_path=llama_dir, dtype="float32", max_total_tokens=200, enable_mixed_chunk=mixed_chunk) as tight:
         got = [o["output_ids"] for o in tight.generate(input_ids=prompts, sampling_params=params)]
         state = tight.get_internal_state()
         assert_idle(tight)
