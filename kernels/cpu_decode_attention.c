@@ -131,6 +131,11 @@ static void attend_span(
 #undef SPAN
 }
 
+/* The first position a query at the end of a sequence of len tokens sees. */
+static inline int64_t window_start(int64_t len, int64_t window) {
+    return (window > 0 && len > window) ? len - window : 0;
+}
+
 /* Returns 0, or -1 when scratch memory could not be allocated. */
 int srt_decode_attention(
     const float *q, float *out,
@@ -142,14 +147,13 @@ int srt_decode_attention(
 {
     const Problem p = {q, k_buffer, v_buffer, is_bf16, k_stride_slot, v_stride_slot,
                        heads, heads / kv_heads, head_dim, v_head_dim, scaling, softcap};
-    /* Task t covers positions [span_first[t], span_first[t] + span_len) of request task_req[t]. */
+    /* Request b's spans are tasks first_task[b] .. first_task[b + 1] - 1, in position order. */
     int64_t *first_task = malloc(sizeof(int64_t) * ((size_t)batch + 1));
     if (first_task == NULL) return -1;
     int64_t max_span = 0;
     first_task[0] = 0;
     for (int b = 0; b < batch; b++) {
-        int64_t start = (window > 0 && seq_lens[b] > window) ? seq_lens[b] - window : 0;
-        int64_t len = seq_lens[b] - start;
+        int64_t len = seq_lens[b] - window_start(seq_lens[b], window);
         int64_t spans = len > 0 ? (len + span_len - 1) / span_len : 1;
         int64_t longest = len < span_len ? len : span_len;
         max_span = longest > max_span ? longest : max_span;
@@ -174,8 +178,7 @@ int srt_decode_attention(
                 }
                 while (first_task[b + 1] <= t) b++;
                 while (first_task[b] > t) b--;
-                int64_t start = (window > 0 && seq_lens[b] > window) ? seq_lens[b] - window : 0;
-                int64_t first = start + (t - first_task[b]) * span_len;
+                int64_t first = window_start(seq_lens[b], window) + (t - first_task[b]) * span_len;
                 int64_t last = first + span_len < seq_lens[b] ? first + span_len : seq_lens[b];
                 float *acc = partial + per_task * (size_t)t;
                 attend_span(&p, b, req_to_token + rows[b] * table_stride, first, last,

@@ -4,8 +4,8 @@ They are plain C with OpenMP (no torch headers), so building takes about a secon
 the system's C compiler (``$CC``, else ``cc`` / ``gcc``) and needs nothing from PyPI.
 The shared library is cached under ``$SRT_CACHE_DIR/kernels`` (default
 ``~/.cache/srt/kernels``), keyed by the source and the CPU, since it is built for the
-host's instruction set (``-march=native``). Where no compiler works, ``decode_attention``
-is None and callers keep their torch path.
+host's instruction set (``-march=native``). Where no compiler works, ``available()`` is
+False and callers keep their torch path.
 
 The library links ``libgomp.so.1``, the OpenMP runtime torch itself loaded, so the
 kernels run on torch's thread pool and follow ``torch.set_num_threads``.
