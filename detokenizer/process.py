@@ -13,8 +13,8 @@ import zmq
 from transformers import AutoTokenizer
 
 from srt.detokenizer.incremental import IncrementalDetokenizer
-from srt.ipc import IpcEndpoints, Receiver, Sender
-from srt.messages import BatchTokenOut, ReqOutput
+from srt.runtime.ipc import IpcEndpoints, Receiver, Sender
+from srt.runtime.messages import BatchTokenOut, ReqOutput
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import torch
 import zmq
 from transformers import AutoTokenizer
 
-from srt.device import resolve_device
-from srt.distributed import broadcast_bytes, init_tp_group, tp_size
-from srt.ipc import IpcEndpoints, Receiver, Sender
-from srt.messages import (
+from srt.platform.device import resolve_device
+from srt.platform.distributed import broadcast_bytes, init_tp_group, tp_size
+from srt.runtime.ipc import IpcEndpoints, Receiver, Sender
+from srt.runtime.messages import (
     AbortReq,
     decode,
     encode,
@@ -25,7 +25,7 @@ from srt.messages import (
     GetInternalStateReq,
     TokenizedGenerateReq,
 )
-from srt.model_runner import ModelRunner
+from srt.model_executor.model_runner import ModelRunner
 from srt.scheduler.scheduler import Scheduler
 from srt.server_args import ServerArgs
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from srt.sampling_params import SamplingParams
+from srt.sampling.sampling_params import SamplingParams
 
 
 @dataclass

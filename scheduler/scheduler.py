@@ -15,15 +15,15 @@ import time
 
 import torch
 
-from srt.forward_batch import ForwardBatch
+from srt.model_executor.forward_batch import ForwardBatch
 from srt.detokenizer.incremental import CONTEXT_TOKENS
-from srt.messages import DetokInit, InternalState, ReqOutput, TokenizedGenerateReq
-from srt.model_runner import ModelRunner
-from srt.sampler import SamplingBatch, SamplingRequest, sample, token_logprobs
-from srt.sampling_params import check_generate_request
-from srt.scheduler.chunk_cache import ChunkCache
+from srt.runtime.messages import DetokInit, InternalState, ReqOutput, TokenizedGenerateReq
+from srt.model_executor.model_runner import ModelRunner
+from srt.sampling.sampler import SamplingBatch, SamplingRequest, sample, token_logprobs
+from srt.sampling.sampling_params import check_generate_request
+from srt.mem_cache.chunk_cache import ChunkCache
 from srt.scheduler.policy import order_waiting
-from srt.scheduler.radix_cache import RadixCache
+from srt.mem_cache.radix_cache import RadixCache
 from srt.scheduler.req import Req
 from srt.server_args import ServerArgs
 
@@ -55,7 +55,7 @@ class Scheduler:
         self.max_req_input_len = min(self.context_length, runner.plan.max_total_tokens) - 1
         chunk = server_args.chunked_prefill_size
         if chunk is None:
-            from srt.device import default_chunked_prefill_size
+            from srt.platform.device import default_chunked_prefill_size
 
             chunk = default_chunked_prefill_size(runner.device)
         self.chunk_size = chunk if chunk > 0 else None

@@ -165,7 +165,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from srt.default_model import resolve_model_path
+    from srt.model_loader.default_model import resolve_model_path
 
     model_path = resolve_model_path(args.model_path)
     vocab_size = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from srt.default_model import resolve_model_path
-from srt.messages import TokenizedGenerateReq
-from srt.model_runner import ModelRunner
+from srt.model_loader.default_model import resolve_model_path
+from srt.runtime.messages import TokenizedGenerateReq
+from srt.model_executor.model_runner import ModelRunner
 from srt.scheduler import scheduler as scheduler_module
 from srt.scheduler.scheduler import Scheduler
 from srt.server_args import ServerArgs

@@ -17,7 +17,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from srt.default_model import default_model_path
+from srt.model_loader.default_model import default_model_path
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ server start does not spend half a minute dequantizing. Prints the folder's path
 import argparse
 import logging
 
-from srt.default_model import default_model_path, prepare_gguf
+from srt.model_loader.default_model import default_model_path, prepare_gguf
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ __all__ = ["Engine", "ServerArgs"]
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":
-        from srt.engine import Engine
+        from srt.entrypoints.engine import Engine
 
         return Engine
     if name == "ServerArgs":

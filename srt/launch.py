@@ -15,7 +15,7 @@ import sys
 
 import uvicorn
 
-from srt.process import configure_logging
+from srt.runtime.child import configure_logging
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger("srt.launch")
@@ -40,8 +40,8 @@ class _Server(uvicorn.Server):
 
 def launch_server(server_args: ServerArgs) -> int:
     """Serve until stopped; the exit code is non-zero when a runtime process died."""
-    from srt.http_server import build_app, build_follower_app
-    from srt.runtime import Runtime
+    from srt.entrypoints.http_server import build_app, build_follower_app
+    from srt.runtime.runtime import Runtime
 
     runtime = Runtime(server_args)
     exit_code = 0

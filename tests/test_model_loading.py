@@ -24,7 +24,7 @@ import pytest
 from transformers import dynamic_module_utils
 
 import srt
-from srt.model_loader import safetensors_files
+from srt.model_loader.loader import safetensors_files
 from tiny_models import build_tiny_model, byte_tokenizer, load_reference, reference_greedy
 
 PROMPTS = [[5, 77, 200, 31, 9, 140, 66], [250, 3, 18]]

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from server_process import running_server
-from srt.http_errors import APIError
+from srt.entrypoints.errors import APIError
 from tiny_models import build_tiny_model, byte_tokenizer
 
 MODEL = "tiny"
@@ -325,7 +325,7 @@ def test_an_unknown_model_is_a_404(client, http):
 
 def test_chat_needs_a_chat_template():
     """Without --chat-template, a tokenizer that has none cannot serve chat (checked before generating)."""
-    from srt.openai_api import router
+    from srt.entrypoints.openai.serving import router
 
     app = FastAPI()
     app.include_router(router)

@@ -11,9 +11,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from srt.mem_pool import KVSlotAllocator
-from srt.scheduler.chunk_cache import ChunkCache
-from srt.scheduler.radix_cache import MatchResult, RadixCache, TreeNode
+from srt.mem_cache.memory_pool import KVSlotAllocator
+from srt.mem_cache.chunk_cache import ChunkCache
+from srt.mem_cache.radix_cache import MatchResult, RadixCache, TreeNode
 
 CPU = torch.device("cpu")
 

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from srt.sampler import SamplingBatch, SamplingRequest, _filter, apply_penalties, sample, token_logprobs
-from srt.sampling_params import SamplingParams
+from srt.sampling.sampler import SamplingBatch, SamplingRequest, _filter, apply_penalties, sample, token_logprobs
+from srt.sampling.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

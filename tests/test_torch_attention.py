@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from srt.forward_batch import ForwardBatch
+from srt.model_executor.forward_batch import ForwardBatch
 from srt.kernels import cpu_kernels
-from srt.kernels.torch_attention import TorchAttentionBackend, _KernelDecode, decode_attention_ref
-from srt.mem_pool import KVCache
+from srt.kernels.torch_attention import decode_attention_ref
+from srt.layers.attention.torch_backend import TorchAttentionBackend, _KernelDecode
+from srt.mem_cache.memory_pool import KVCache
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
 

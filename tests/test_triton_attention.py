@@ -24,11 +24,11 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from srt.forward_batch import ForwardBatch
+from srt.model_executor.forward_batch import ForwardBatch
 from srt.kernels import triton_attention as ops
-from srt.kernels.torch_attention import TorchAttentionBackend
-from srt.kernels.triton_backend import TritonAttentionBackend
-from srt.mem_pool import KVCache
+from srt.layers.attention.torch_backend import TorchAttentionBackend
+from srt.layers.attention.triton_backend import TritonAttentionBackend
+from srt.mem_cache.memory_pool import KVCache
 
 if not isinstance(ops._extend_kernel, InterpretedFunction):
     # Decorated for a GPU by an earlier import; the backend reads kernels through the module, so it follows.
@@ -252,7 +252,7 @@ def test_backend_matches_torch_backend(prefix_lens, extend_lens):
 def test_kernels_run_when_their_module_was_imported_before_the_interpreter_was_on():
     """Another test file imported the backend without TRITON_INTERPRET: this file still runs its kernels."""
     code = (
-        "import sys, pytest, triton, srt.kernels.triton_backend\n"
+        "import sys, pytest, triton, srt.layers.attention.triton_backend\n"
         "from srt.kernels import triton_attention\n"
         "assert isinstance(triton_attention._store_kv_kernel, triton.runtime.JITFunction)  # compiled for a GPU\n"
         f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, '-k', 'store_kv']))\n"

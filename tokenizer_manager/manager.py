@@ -18,8 +18,8 @@ from typing import Any
 
 import zmq.asyncio
 
-from srt.ipc import AsyncReceiver, AsyncSender, IpcEndpoints
-from srt.messages import (
+from srt.runtime.ipc import AsyncReceiver, AsyncSender, IpcEndpoints
+from srt.runtime.messages import (
     AbortReq,
     BatchTokenOut,
     FlushCacheDone,
@@ -29,8 +29,8 @@ from srt.messages import (
     ReqOutput,
     TokenizedGenerateReq,
 )
-from srt.metrics import Metrics
-from srt.sampling_params import SamplingParams, check_generate_request
+from srt.entrypoints.metrics import Metrics
+from srt.sampling.sampling_params import SamplingParams, check_generate_request
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from srt.sampling_params import SamplingParams
+from srt.sampling.sampling_params import SamplingParams
 
 
 @dataclass

@@ -18,8 +18,8 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from srt.messages import InternalState, ReqOutput
-from srt.runtime import Runtime
+from srt.runtime.messages import InternalState, ReqOutput
+from srt.runtime.runtime import Runtime
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)

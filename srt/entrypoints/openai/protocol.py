@@ -39,7 +39,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    # SGLang / vLLM extensions, checked by srt.sampling_params like /generate's.
+    # SGLang / vLLM extensions, checked by srt.sampling.sampling_params like /generate's.
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -21,9 +21,9 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from srt.attention import ATTENTION_NAME, register_attention
-from srt.distributed import tp_size
-from srt.layers.parallel import (
+from srt.layers.attention.interface import ATTENTION_NAME, register_attention
+from srt.platform.distributed import tp_size
+from srt.layers.linear import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,

@@ -1,4 +1,4 @@
-"""ZeroMQ PUSH/PULL channels between the processes, carrying ``srt.messages`` dataclasses.
+"""ZeroMQ PUSH/PULL channels between the processes, carrying ``srt.runtime.messages`` dataclasses.
 
 Endpoints are ``ipc://`` paths in a private temporary directory; high-water marks are
 off so that a burst of requests is never dropped or blocks the sender.
@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from srt.messages import decode, encode
+from srt.runtime.messages import decode, encode
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from srt.mem_pool import KVCache
+from srt.mem_cache.memory_pool import KVCache
 
 
 @dataclass

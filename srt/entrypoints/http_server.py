@@ -22,10 +22,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from srt.http_errors import APIError, JSONResponse
-from srt.messages import ReqOutput
-from srt.metrics import Metrics
-from srt.runtime import Runtime
+from srt.entrypoints.errors import APIError, JSONResponse
+from srt.runtime.messages import ReqOutput
+from srt.entrypoints.metrics import Metrics
+from srt.runtime.runtime import Runtime
 from srt.server_args import ServerArgs
 from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
 
@@ -77,7 +77,7 @@ def build_app(runtime: Runtime, server_args: ServerArgs) -> FastAPI:
     _install_error_handlers(app)
     _install_auth(app, server_args.api_key)
     _add_native_routes(app)
-    from srt.openai_api import router as openai_router
+    from srt.entrypoints.openai.serving import router as openai_router
 
     app.include_router(openai_router)
     return app

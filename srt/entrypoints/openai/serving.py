@@ -27,10 +27,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from srt.http_errors import APIError
-from srt.http_server import SSE_DONE, check_or_400, sse, until_disconnected
-from srt.messages import ReqOutput
-from srt.openai_protocol import (
+from srt.entrypoints.errors import APIError
+from srt.entrypoints.http_server import SSE_DONE, check_or_400, sse, until_disconnected
+from srt.runtime.messages import ReqOutput
+from srt.entrypoints.openai.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -60,7 +60,7 @@ _STARTED = int(time.time())  # the model card's `created`
 _SEED_RANGE = 2**31  # the sampler takes seeds in [0, 2**31); OpenAI clients may send any integer
 _MIN_LOGPROB = -9999.0  # stands in for -inf, which JSON cannot carry (vLLM's choice too)
 
-# Request fields that are sampling parameters under the same name (srt.sampling_params).
+# Request fields that are sampling parameters under the same name (srt.sampling.sampling_params).
 _SAMPLING_FIELDS = {
     "temperature",
     "top_p",

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from transformers import AttentionInterface
 
-from srt.forward_batch import ForwardBatch
+from srt.model_executor.forward_batch import ForwardBatch
 
 ATTENTION_NAME = "srt"
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from srt import device as devices
-from srt.attention import AttentionBackend, forward_context
-from srt.distributed import tp_size
-from srt.forward_batch import ForwardBatch
-from srt.layers.parallel import PackableWeight, pack_linear_weights
-from srt.mem_pool import KVCache, KVSlotAllocator, ReqToTokenPool
-from srt.model_loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
+from srt.platform import device as devices
+from srt.layers.attention.interface import AttentionBackend, forward_context
+from srt.platform.distributed import tp_size
+from srt.model_executor.forward_batch import ForwardBatch
+from srt.layers.linear import PackableWeight, pack_linear_weights
+from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
+from srt.model_loader.loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -26,10 +26,10 @@ def attention_backend_for(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
-        from srt.kernels.triton_backend import TritonAttentionBackend
+        from srt.layers.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
-    from srt.kernels.torch_attention import TorchAttentionBackend
+    from srt.layers.attention.torch_backend import TorchAttentionBackend
 
     return TorchAttentionBackend()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from srt.mem_pool import KVSlotAllocator
+from srt.mem_cache.memory_pool import KVSlotAllocator
 
 _node_ids = itertools.count()
 

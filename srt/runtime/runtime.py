@@ -16,10 +16,10 @@ from multiprocessing.connection import Connection
 
 from transformers import AutoTokenizer
 
-from srt.default_model import resolve_model_path
+from srt.model_loader.default_model import resolve_model_path
 from srt.detokenizer.process import run_detokenizer
-from srt.ipc import IpcEndpoints
-from srt.process import run_child
+from srt.runtime.ipc import IpcEndpoints
+from srt.runtime.child import run_child
 from srt.scheduler.process import run_scheduler
 from srt.server_args import ServerArgs
 from srt.tokenizer_manager.manager import RuntimeInfo, TokenizerManager

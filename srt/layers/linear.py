@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srt.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
+from srt.platform.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 
 def shape_of(loaded: Any) -> list[int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from srt.mem_pool import KVSlotAllocator
-from srt.scheduler.radix_cache import MatchResult, TreeNode
+from srt.mem_cache.memory_pool import KVSlotAllocator
+from srt.mem_cache.radix_cache import MatchResult, TreeNode
 
 
 class ChunkCache:

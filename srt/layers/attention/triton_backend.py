@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from srt.forward_batch import ForwardBatch
+from srt.model_executor.forward_batch import ForwardBatch
 from srt.kernels import triton_attention
 
 
