@@ -6,8 +6,9 @@ Streaming text is harder than calling `tokenizer.decode` on the ids seen so far:
   first part gives U+FFFD. Such text is held back until the character completes.
 * Some decoders drop the leading space of the first token they see (SentencePiece's
   "▁"), so output tokens are decoded after a few prompt tokens whose text is cut away.
-* Stop strings can span tokens. Text that could still be the start of a stop string
-  is held back, and the output ends where a stop string completes.
+* Stop strings can span tokens. The scheduler decides which one ended the request
+  (``find_stop`` on its decoded tail); here text that could still be the start of a
+  stop string is held back, and the output is cut where the named one starts.
 
 Each step decodes only a short window of recent tokens (vLLM's prefix_offset /
 read_offset scheme), so the cost of a step does not grow with the output length.
@@ -34,6 +35,20 @@ class DetokStep:
     matched_stop: str | None = None
 
 
+def find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Returns (start, stop string) of the stop string that completes first in ``text``.
+
+    "First" is where the match ends, as if text arrived a character at a time, so the
+    result does not depend on how tokens were chunked; of matches ending at the same
+    place, the longer one wins.
+    """
+    found = [(start + len(stop), -len(stop), stop) for stop in stops if stop and (start := text.find(stop)) != -1]
+    if not found:
+        return None
+    end, _, stop = min(found)
+    return end - len(stop), stop
+
+
 @dataclass
 class DecodeState:
     """How far one request's token ids have been turned into text."""
@@ -53,7 +68,7 @@ class DecodeState:
 
 
 class IncrementalDetokenizer:
-    """Turns one request's output tokens into text deltas, applying its stop strings."""
+    """Turns one request's output tokens into text deltas, cut at the stop string that ended it."""
 
     def __init__(
         self,
@@ -84,18 +99,18 @@ class IncrementalDetokenizer:
         """The stop string that ended the request, once one has."""
         return self.state.matched_stop
 
-    def step(self, new_token_ids: list[int], finished: bool) -> DetokStep:
+    def step(self, new_token_ids: list[int], finished: bool, stop: str | None = None) -> DetokStep:
         """Adds output tokens and returns the text that became safe to show.
 
-        `finished=True` means no tokens will follow: everything held back is flushed.
+        `finished=True` means no tokens will follow: everything held back is flushed,
+        up to the start of `stop`, the stop string that ended the request (if one did).
         """
         state = self.state
         if state.matched_stop is not None:
-            # Tokens generated before the scheduler learned of the stop string.
-            return DetokStep("")
+            return DetokStep("")  # the request already ended at a stop string
         state.ids.extend(new_token_ids)
-        state.held += self._read_new_text(finished)
-        delta = self._release_held(finished)
+        state.held += self._read_new_text(finished or stop is not None)
+        delta = self._release_held(finished, stop)
         state.deltas.append(delta)
         return DetokStep(delta, state.matched_stop)
 
@@ -113,37 +128,23 @@ class IncrementalDetokenizer:
         state.prefix_offset, state.read_offset = state.read_offset, len(state.ids)
         return new_text
 
-    def _release_held(self, finished: bool) -> str:
-        """Takes from the held text what may be shown now, ending the request at a stop string."""
+    def _release_held(self, finished: bool, stop: str | None) -> str:
+        """Takes from the held text what may be shown now, ending the request at ``stop``.
+
+        What is held back always begins at or before the start of any stop string in
+        progress, so the first occurrence of ``stop`` in it is the one that ended the
+        request; text already emitted needs no search."""
         state = self.state
         text = state.held
-        stop = self._find_stop(text)
         if stop is not None:
-            start, state.matched_stop = stop
-            end = start + len(state.matched_stop) if self.no_stop_trim else start
-            state.held = ""
-            return text[:end]
+            state.matched_stop, state.held = stop, ""
+            start = text.find(stop)
+            if start == -1:  # the scheduler's decoding saw it, this one does not: show everything
+                return text
+            return text[: start + len(stop) if self.no_stop_trim else start]
         keep = 0 if finished else self._stop_prefix_len(text)
         state.held = text[len(text) - keep :]
         return text[: len(text) - keep]
-
-    def _find_stop(self, text: str) -> tuple[int, str] | None:
-        """Returns (start, stop string) of the stop string that completes first in `text`.
-
-        "First" is where the match ends, as if text arrived a character at a time, so the
-        result does not depend on how tokens were chunked; of matches ending at the same
-        place, the longer one wins. Text already emitted needs no search: what is held
-        back always begins at or before the start of any stop string in progress.
-        """
-        matches = []
-        for stop in self.stop:
-            start = text.find(stop)
-            if start != -1:
-                matches.append((start + len(stop), -len(stop), stop))
-        if not matches:
-            return None
-        end, _, stop = min(matches)
-        return end - len(stop), stop
 
     def _stop_prefix_len(self, text: str) -> int:
         """Length of the longest end of `text` that some stop string starts with."""

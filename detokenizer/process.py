@@ -7,14 +7,15 @@ TokenizerManager listens on one socket for everything.
 from __future__ import annotations
 
 import logging
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 
 import zmq
-from transformers import AutoTokenizer
 
 from srt.detokenizer.incremental import IncrementalDetokenizer
-from srt.runtime.ipc import IpcEndpoints, Receiver, Sender
-from srt.runtime.messages import BatchTokenOut, ReqOutput
+from srt.model_loader.tokenizer import load_tokenizer
+from srt.runtime.child import ChildSpec
+from srt.runtime.ipc import Receiver, Sender
+from srt.runtime.messages import BatchStrOut, BatchTokenOut, ChildReady, FinishStop, ReqOutput, TokenOutput
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +25,9 @@ class DetokenizerManager:
         self.tokenizer = tokenizer
         self.states: dict[str, IncrementalDetokenizer] = {}
 
-    def handle(self, batch: BatchTokenOut) -> BatchTokenOut:
-        for out in batch.outputs:
-            self._add_text(out)
-        return batch
-
-    def _add_text(self, out: ReqOutput) -> None:
-        finished = out.finish_reason is not None
-        if self.tokenizer is None:
-            return
-        if out.detok_init is not None:
-            init = out.detok_init
-            self.states[out.rid] = IncrementalDetokenizer(
+    def handle(self, batch: BatchTokenOut) -> BatchStrOut:
+        for init in batch.new_requests:
+            self.states[init.rid] = IncrementalDetokenizer(
                 self.tokenizer,
                 init.prompt_tail,
                 init.skip_special_tokens,
@@ -43,26 +35,27 @@ class DetokenizerManager:
                 init.stop,
                 init.no_stop_trim,
             )
-            out.detok_init = None
+        return BatchStrOut([self._with_text(out) for out in batch.outputs])
+
+    def _with_text(self, out: TokenOutput) -> ReqOutput:
+        reason = out.finish_reason
         state = self.states.get(out.rid)
-        if state is None:  # outputs after a stop string ended the request here
-            return
-        step = state.step(out.new_token_ids, finished)
-        out.text = step.text_delta
-        if step.matched_stop is not None:
-            out.finish_reason = {"type": "stop", "matched": step.matched_stop}
-            finished = True
-        if finished:
-            del self.states[out.rid]
+        if state is None:
+            text = ""
+        else:
+            stop = reason.matched if isinstance(reason, FinishStop) and isinstance(reason.matched, str) else None
+            text = state.step(out.new_token_ids, reason is not None, stop).text_delta
+        if reason is not None:
+            self.states.pop(out.rid, None)
+        return ReqOutput(**vars(out), text=text)
 
 
-def run_detokenizer(tokenizer_path: str, trust_remote_code: bool, skip_tokenizer_init: bool, endpoints: IpcEndpoints, ready: Connection) -> None:
-    tokenizer = None if skip_tokenizer_init else AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-    manager = DetokenizerManager(tokenizer)
+def run_detokenizer(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None:
+    manager = DetokenizerManager(load_tokenizer(spec.options["tokenizer_path"], spec.server_args.trust_remote_code))
     context = zmq.Context()
-    inbox = Receiver(context, endpoints.detokenizer_input)
-    outbox = Sender(context, endpoints.tokenizer_input)
-    ready.send({"status": "ready"})
+    inbox = Receiver(context, spec.endpoints.scheduler_output)
+    outbox = Sender(context, spec.endpoints.tokenizer_input)
+    report(ChildReady())
     while True:
         msg = inbox.recv()
         outbox.send(manager.handle(msg) if isinstance(msg, BatchTokenOut) else msg)

@@ -18,7 +18,7 @@ _PREFIX_POLICY_MAX_QUEUE = 128
 
 
 def order_waiting(waiting: list[Req], policy: str, cache) -> list[Req]:
-    if policy == "fcfs" or len(waiting) > _PREFIX_POLICY_MAX_QUEUE or not hasattr(cache, "root"):
+    if policy == "fcfs" or len(waiting) > _PREFIX_POLICY_MAX_QUEUE or not cache.shares_prefixes:
         return list(waiting)
     matches = {id(r): cache.match_prefix(r.fill_ids[:-1]) for r in waiting}
     if policy == "lpm":

@@ -6,80 +6,66 @@ An idle scheduler blocks on its socket; a busy one only polls between steps.
 from __future__ import annotations
 
 import logging
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 
 import torch
 import zmq
-from transformers import AutoTokenizer
 
+from srt.model_executor.model_runner import ModelRunner
+from srt.model_loader.tokenizer import load_tokenizer
 from srt.platform.device import resolve_device
 from srt.platform.distributed import broadcast_bytes, init_tp_group, tp_size
-from srt.runtime.ipc import IpcEndpoints, Receiver, Sender
+from srt.runtime.child import ChildSpec
+from srt.runtime.codec import decode, encode
+from srt.runtime.ipc import Receiver, Sender
 from srt.runtime.messages import (
     AbortReq,
-    decode,
-    encode,
-    BatchTokenOut,
-    FlushCacheDone,
+    ChildReady,
+    FlushCacheReply,
     FlushCacheReq,
     GetInternalStateReq,
+    InternalStateReply,
+    SchedulerInfo,
     TokenizedGenerateReq,
 )
-from srt.model_executor.model_runner import ModelRunner
 from srt.scheduler.scheduler import Scheduler
-from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 _IDLE_HEARTBEAT_MS = 1000
 
 
-def run_scheduler(
-    server_args: ServerArgs,
-    model_path: str,
-    tokenizer_path: str,
-    endpoints: IpcEndpoints,
-    dp_rank: int,
-    tp_rank: int,
-    gpu_id: int,
-    dist_init_method: str,
-    num_threads: int,
-    ready: Connection,
-) -> None:
-    torch.set_num_threads(num_threads)
-    init_tp_group(tp_rank, server_args.tp_size, resolve_device(server_args.device, gpu_id), dist_init_method)
-    runner = ModelRunner(server_args, model_path, gpu_id=gpu_id)
-    tokenizer = None if server_args.skip_tokenizer_init else AutoTokenizer.from_pretrained(
-        tokenizer_path, trust_remote_code=server_args.trust_remote_code
-    )
-    scheduler = Scheduler(server_args, runner, tokenizer)
+def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None:
+    args, options = spec.server_args, spec.options
+    tp_rank, gpu_id = options["tp_rank"], options["gpu_id"]
+    torch.set_num_threads(options["num_threads"])
+    init_tp_group(tp_rank, args.tp_size, resolve_device(args.device, gpu_id), options["dist_init_method"])
+    runner = ModelRunner(args, options["model_path"], gpu_id=gpu_id)
+    # Stop strings are matched here, on decoded text.
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(options["tokenizer_path"], args.trust_remote_code)
+    scheduler = Scheduler(args, runner, tokenizer)
     is_leader = tp_rank == 0
     context = zmq.Context()
-    inbox = Receiver(context, endpoints.scheduler_inputs[dp_rank]) if is_leader else None
-    outbox = Sender(context, endpoints.detokenizer_input) if is_leader else None
-    ready.send(
-        {
-            "status": "ready",
-            "max_total_tokens": runner.plan.max_total_tokens,
-            "max_req_input_len": scheduler.max_req_input_len,
-            "context_length": scheduler.context_length,
-            "vocab_size": scheduler.vocab_size,
-            "weight_bytes": runner.weight_bytes(),
-        }
+    inbox = Receiver(context, spec.endpoints.scheduler_inputs[options["dp_rank"]]) if is_leader else None
+    outbox = Sender(context, spec.endpoints.scheduler_output) if is_leader else None
+    info = SchedulerInfo(
+        max_total_tokens=runner.plan.max_total_tokens,
+        max_req_input_len=scheduler.max_req_input_len,
+        context_length=scheduler.context_length,
+        vocab_size=scheduler.vocab_size,
+        weight_bytes=runner.weight_bytes(),
     )
+    report(ChildReady(info))
     logger.info("scheduler rank %d ready", tp_rank)
     while True:
-        messages = _next_messages(scheduler, inbox)
-        outputs = []
-        for msg in messages:
+        for msg in _next_messages(scheduler, inbox):
             reply = _dispatch(scheduler, msg)
-            if isinstance(reply, list):
-                outputs.extend(reply)
-            elif reply is not None and is_leader:
+            if reply is not None and is_leader:
                 outbox.send(reply)
-        outputs.extend(scheduler.step())
-        if outputs and is_leader:
-            outbox.send(BatchTokenOut(outputs))
+        scheduler.step()
+        outputs = scheduler.take_outputs()
+        if outputs.outputs and is_leader:
+            outbox.send(outputs)
 
 
 def _next_messages(scheduler: Scheduler, inbox: Receiver | None) -> list:
@@ -103,15 +89,16 @@ def _next_messages(scheduler: Scheduler, inbox: Receiver | None) -> list:
     return messages
 
 
-def _dispatch(scheduler: Scheduler, msg):
+def _dispatch(scheduler: Scheduler, msg) -> FlushCacheReply | InternalStateReply | None:
+    """Apply one message; a control request's reply is returned."""
     if isinstance(msg, TokenizedGenerateReq):
-        error = scheduler.add_request(msg)
-        return [error] if error is not None else None
-    if isinstance(msg, AbortReq):
-        out = scheduler.abort(msg.rid)
-        return [out] if out is not None else None
-    if isinstance(msg, FlushCacheReq):
-        return FlushCacheDone(scheduler.flush_cache())
-    if isinstance(msg, GetInternalStateReq):
-        return scheduler.internal_state()
-    raise TypeError(f"scheduler got an unexpected message {type(msg).__name__}")
+        scheduler.add_request(msg)
+    elif isinstance(msg, AbortReq):
+        scheduler.abort(msg.rid)
+    elif isinstance(msg, FlushCacheReq):
+        return FlushCacheReply(msg.request_id, scheduler.flush_cache())
+    elif isinstance(msg, GetInternalStateReq):
+        return InternalStateReply(msg.request_id, scheduler.internal_state())
+    else:
+        raise TypeError(f"scheduler got an unexpected message {type(msg).__name__}")
+    return None

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from srt.runtime.messages import FinishReason
 from srt.sampling.sampling_params import SamplingParams
 
 
@@ -22,7 +23,7 @@ class Req:
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: dict[str, Any] | None = None
+    finish_reason: FinishReason | None = None
 
     # KV state: the first ``kv_len`` tokens of ``fill_ids`` have K/V at
     # req_to_token[req_pool_idx, :kv_len]; ``prefix_node`` is the locked radix node.

@@ -26,8 +26,9 @@ import torch
 
 from srt.model_loader.default_model import resolve_model_path
 from srt.runtime.messages import TokenizedGenerateReq
+from srt.sampling.sampling_params import SamplingParams
 from srt.model_executor.model_runner import ModelRunner
-from srt.scheduler import scheduler as scheduler_module
+from srt.scheduler import output as output_module
 from srt.scheduler.scheduler import Scheduler
 from srt.server_args import ServerArgs
 
@@ -67,7 +68,7 @@ class Timers:
 
 def make_requests(batch_size: int, input_len: int, output_len: int, vocab: int, seed: int) -> list[TokenizedGenerateReq]:
     rng = random.Random(seed)
-    params = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
+    params = SamplingParams(temperature=0, max_new_tokens=output_len, ignore_eos=True)
     return [
         TokenizedGenerateReq(f"r{i}", [rng.randrange(10, vocab) for _ in range(input_len)], params) for i in range(batch_size)
     ]
@@ -90,6 +91,7 @@ def run_batch(
             timers.reset()
             start = time.perf_counter()
             scheduler.step()
+            scheduler.take_outputs()
             steps.append({"step": time.perf_counter() - start, **timers.seconds})
     steps = steps[1:] or steps  # the first decode step pays one-off allocations
     median = {key: statistics.median(s.get(key, 0.0) for s in steps) for key in steps[0]}
@@ -178,8 +180,8 @@ def main() -> None:
     timers.wrap(runner, "forward", "forward")
     for name in ("prepare", "store", "forward"):
         timers.wrap(runner.backend, name, "attention")
-    timers.wrap(scheduler_module, "sample", "sampling")
-    timers.wrap(scheduler_module, "token_logprobs", "sampling")
+    timers.wrap(output_module, "sample", "sampling")
+    timers.wrap(output_module, "token_logprobs", "sampling")
     print(f"model {model_path} ({runner.dtype}, {runner.device}, {torch.get_num_threads()} threads)")
 
     for batch_size in args.batch_size:

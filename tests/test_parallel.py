@@ -26,13 +26,13 @@ def test_tp2_matches_transformers(case, tmp_path):
     with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=1024, tp_size=2) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         again = engine.generate(input_ids=prompts, sampling_params=params)  # served from the radix cache
-        reports = engine.runtime.reports
+        infos = engine.runtime.scheduler_infos
     reference = load_reference(model_dir)
     for prompt, out in zip(prompts, outs):
         assert_greedy_equal(reference, prompt, out["output_ids"], reference_greedy(reference, prompt, MAX_NEW))
     assert [o["output_ids"] for o in again] == [o["output_ids"] for o in outs]
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
-    assert reports["scheduler-TP0"]["weight_bytes"] == reports["scheduler-TP1"]["weight_bytes"]
+    assert infos["scheduler-TP0"].weight_bytes == infos["scheduler-TP1"].weight_bytes
 
 
 def test_tp2_halves_weight_memory_per_rank(tmp_path):
@@ -40,7 +40,7 @@ def test_tp2_halves_weight_memory_per_rank(tmp_path):
     sizes = {}
     for tp in (1, 2):
         with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=256, tp_size=tp) as engine:
-            sizes[tp] = engine.runtime.reports["scheduler-TP0"]["weight_bytes"]
+            sizes[tp] = engine.runtime.info.weight_bytes
     ratio = sizes[2] / sizes[1]
     assert 0.45 < ratio < 0.55, sizes  # only norms are replicated
 
@@ -126,7 +126,8 @@ def test_killing_one_rank_makes_the_server_exit_with_an_error(tmp_path):
     model_dir = build_tiny_model("llama", str(tmp_path))
     with running_server(model_dir, "--tp", "2", "--max-total-tokens", "256") as (_, proc):
         spawned = sorted(
-            (c for c in psutil.Process(proc.pid).children() if "spawn" in " ".join(c.cmdline())), key=lambda c: c.pid
+            (c for c in psutil.Process(proc.pid).children() if c.cmdline()[-1] in ("srt.scheduler", "srt.detokenizer")),
+            key=lambda c: c.pid,
         )
         assert len(spawned) == 3  # scheduler ranks 0 and 1, then the detokenizer, in start order
         os.kill(spawned[1].pid, signal.SIGKILL)

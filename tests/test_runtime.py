@@ -11,6 +11,7 @@ import signal
 import pytest
 
 import srt
+from srt.runtime.generate_request import GenerateReqInput
 from srt.tokenizer_manager.manager import RuntimeDiedError
 from test_parity import MAX_NEW, assert_greedy_equal, make_prompts
 from tiny_models import VOCAB, build_tiny_model, load_reference, reference_greedy
@@ -141,7 +142,8 @@ def test_a_request_that_does_not_stream_gets_everything_in_one_output(engine):
 
     async def outputs(stream: bool) -> list:
         tm = engine.tokenizer_manager
-        return [out async for out in tm.generate_stream(prompt, GREEDY, None, True, 2, stream=stream)]
+        reqs = tm.check(GenerateReqInput(input_ids=prompt, sampling_params=GREEDY, return_logprob=True, top_logprobs_num=2, stream=stream))
+        return [out async for _, out in tm.generate(reqs)]
 
     steps = asyncio.run_coroutine_threadsafe(outputs(True), engine._loop).result()
     (whole,) = asyncio.run_coroutine_threadsafe(outputs(False), engine._loop).result()
@@ -195,7 +197,7 @@ def test_a_dead_scheduler_fails_requests_instead_of_hanging(llama_dir):
     with srt.Engine(model_path=llama_dir, dtype="float32", max_total_tokens=256) as engine:
         scheduler = engine.runtime.processes["scheduler-TP0"]
         os.kill(scheduler.pid, signal.SIGKILL)
-        scheduler.join(5)
+        scheduler.wait(5)
         with pytest.raises(RuntimeDiedError, match="scheduler-TP0"):
             engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4})
     assert not engine.runtime.processes  # shutdown stopped and reaped the detokenizer too

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from srt.sampling.sampler import SamplingBatch, SamplingRequest, _filter, apply_penalties, sample, token_logprobs
+from srt.sampling.sampler import SamplingBatch, SamplingRequest, _filter, apply_logits_processors, sample, token_logprobs
 from srt.sampling.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -63,7 +63,7 @@ def test_greedy_rows_take_the_argmax_after_penalties():
     ]
     rows = random_logits(4, 8, seed=1)
     batch = batch_of(mixed, 8)
-    assert sample(rows, batch).tolist() == apply_penalties(rows, batch).argmax(dim=-1).tolist()
+    assert sample(rows, batch).tolist() == apply_logits_processors(rows, batch).argmax(dim=-1).tolist()
 
 
 def test_a_batch_mixes_greedy_and_sampled_rows():
@@ -79,7 +79,7 @@ def test_a_batch_mixes_greedy_and_sampled_rows():
     ]
     out = draw(rows, reqs)
     batch = batch_of(reqs, vocab)
-    greedy = apply_penalties(rows, batch).argmax(dim=-1).tolist()
+    greedy = apply_logits_processors(rows, batch).argmax(dim=-1).tolist()
     for i in (0, 2, 4):
         assert out[i] == greedy[i]
     assert out[4] != int(rows[4].argmax())  # the penalty moved it
@@ -213,13 +213,13 @@ def test_frequency_and_presence_penalties_follow_openai():
     expected[0, 2] -= 3 * 0.5 + 0.25  # count * frequency + presence
     expected[0, 5] -= 1 * 0.5 + 0.25
     # prompt tokens (1, 6) are not penalized: OpenAI counts the sampled text only
-    torch.testing.assert_close(apply_penalties(logits, batch_of([r], vocab)), expected)
+    torch.testing.assert_close(apply_logits_processors(logits, batch_of([r], vocab)), expected)
 
 
 def test_negative_penalties_encourage_repeats():
     logits = torch.zeros(1, 4)
     r = req(output=[3], frequency_penalty=-1.0, presence_penalty=-0.5)
-    torch.testing.assert_close(apply_penalties(logits, batch_of([r], 4)), torch.tensor([[0.0, 0.0, 0.0, 1.5]]))
+    torch.testing.assert_close(apply_logits_processors(logits, batch_of([r], 4)), torch.tensor([[0.0, 0.0, 0.0, 1.5]]))
 
 
 def test_repetition_penalty_follows_hf_on_prompt_and_output_tokens():
@@ -227,13 +227,13 @@ def test_repetition_penalty_follows_hf_on_prompt_and_output_tokens():
     r = req(prompt=[0, 1, 5], output=[2, 2], repetition_penalty=2.0)
     # seen once or many times, the same factor: positive logits divided, negative multiplied
     expected = torch.tensor([[1.0, -2.0, 1.5, -4.0, 5.0, 0.0]])
-    torch.testing.assert_close(apply_penalties(logits, batch_of([r], 6)), expected)
+    torch.testing.assert_close(apply_logits_processors(logits, batch_of([r], 6)), expected)
 
 
 def test_penalties_only_touch_their_own_row():
     logits = random_logits(2, 8, seed=8)
     reqs = [req(prompt=[0, 1], output=[2, 3], frequency_penalty=1.0, presence_penalty=1.0, repetition_penalty=1.7), req()]
-    out = apply_penalties(logits, batch_of(reqs, 8))
+    out = apply_logits_processors(logits, batch_of(reqs, 8))
     assert torch.equal(out[1], logits[1])
     assert not torch.equal(out[0], logits[0])
 
@@ -244,7 +244,7 @@ def test_logit_bias_adds_to_the_logits():
     expected = logits.clone()
     expected[0, 1] += 2.5
     expected[0, 6] -= 1.0
-    torch.testing.assert_close(apply_penalties(logits, batch_of([r], 8)), expected)
+    torch.testing.assert_close(apply_logits_processors(logits, batch_of([r], 8)), expected)
     assert draw(torch.zeros(8), [req(temperature=0, logit_bias={4: 0.1})]) == [4]
     # a strong negative bias bans a token from sampling
     assert 0 not in draws(torch.zeros(8), n=500, logit_bias={0: -100.0})

@@ -1,9 +1,10 @@
 """TokenizerManager: the front of the runtime, living in the caller's asyncio loop.
 
-It tokenizes requests, sends them to scheduler rank 0, and routes the detokenizer's
-outputs back to each request's queue. Callers iterate ``generate_stream`` and get one
-``ReqOutput`` (new tokens + text delta) per scheduler step; leaving the iteration
-early (a client gone, a task cancelled) aborts the request so its KV is freed.
+Every front (the Engine, ``/generate``, the OpenAI routes) hands it a
+``GenerateReqInput``: ``check`` tokenizes and validates each prompt (the only check a
+request gets), ``generate`` sends them to a scheduler replica and yields each prompt's
+outputs as the detokenizer returns them. Leaving the iteration early (a client gone, a
+task cancelled) aborts what still runs, so its KV memory is freed at once.
 """
 
 from __future__ import annotations
@@ -18,19 +19,26 @@ from typing import Any
 
 import zmq.asyncio
 
-from srt.runtime.ipc import AsyncReceiver, AsyncSender, IpcEndpoints
+from srt.tokenizer_manager.metrics import Metrics
+from srt.model_loader.default_model import resolve_model_path
+from srt.model_loader.tokenizer import load_tokenizer
+from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError
+from srt.runtime.ipc import AsyncReceiver, AsyncSender
 from srt.runtime.messages import (
     AbortReq,
+    BatchStrOut,
     BatchTokenOut,
-    FlushCacheDone,
+    FlushCacheReply,
     FlushCacheReq,
     GetInternalStateReq,
     InternalState,
+    InternalStateReply,
     ReqOutput,
     TokenizedGenerateReq,
 )
-from srt.entrypoints.metrics import Metrics
-from srt.sampling.sampling_params import SamplingParams, check_generate_request
+from srt.runtime.runtime import Runtime
+from srt.sampling.sampling_params import SamplingParams
+from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -40,112 +48,148 @@ class RuntimeDiedError(RuntimeError):
 
 
 @dataclass
-class RuntimeInfo:
-    """What the scheduler reported when it became ready."""
-
-    max_total_tokens: int
-    max_req_input_len: int
-    context_length: int
-    vocab_size: int
-
-
-@dataclass
 class _ReqState:
     replica: int
+    stream: bool
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
 
 
 class TokenizerManager:
-    def __init__(
-        self,
-        tokenizer,
-        endpoints: IpcEndpoints,
-        info: RuntimeInfo,
-        dead_children: Callable[[], list[str]],
-        load_balance_method: str = "round_robin",
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, runtime: Runtime, tokenizer, metrics: Metrics | None = None) -> None:
+        """``tokenizer`` is None with ``--skip-tokenizer-init``: prompts must then be token ids,
+        and outputs carry no text."""
+        self.runtime = runtime
         self.tokenizer = tokenizer
-        self.endpoints = endpoints
-        self.info = info
-        self.dead_children = dead_children
+        self.info = runtime.info
         self.metrics = metrics
-        self.load_balance_method = load_balance_method
+        self.load_balance_method = runtime.server_args.load_balance_method
         self._next_replica = 0
         # Called once with the reason when a runtime process dies (the server exits on it).
         self.on_failure: Callable[[str], None] | None = None
         self.states: dict[str, _ReqState] = {}
-        self._control_waiters: dict[type, list[asyncio.Future]] = {}
+        self._replies: dict[str, asyncio.Future] = {}  # control replies awaited, by request id
         self._failure: str | None = None
+        self._background: set[asyncio.Task] = set()
         self._started = False
+
+    @classmethod
+    def launch(cls, server_args: ServerArgs) -> TokenizerManager:
+        """Start the runtime's processes and the manager in front of them. The tokenizer is
+        loaded first, so a model folder without one fails at once, with what to do."""
+        tokenizer = None
+        if not server_args.skip_tokenizer_init:
+            path = resolve_model_path(server_args.tokenizer_path or server_args.model_path)
+            tokenizer = load_tokenizer(path, server_args.trust_remote_code)
+        return cls(Runtime(server_args), tokenizer)
 
     async def start(self) -> None:
         """Open the sockets and start routing outputs; call once, inside the loop that will use it."""
         if self._started:
             return
         context = zmq.asyncio.Context.instance()
-        self._to_replicas = [AsyncSender(context, endpoint) for endpoint in self.endpoints.scheduler_inputs]
-        self._from_detokenizer = AsyncReceiver(context, self.endpoints.tokenizer_input)
+        endpoints = self.runtime.endpoints
+        self._to_replicas = [AsyncSender(context, endpoint) for endpoint in endpoints.scheduler_inputs]
+        self._from_runtime = AsyncReceiver(context, endpoints.tokenizer_input)
         self._tasks = [asyncio.create_task(self._route_outputs()), asyncio.create_task(self._watch_children())]
         self._started = True
 
-    # ---- generation ------------------------------------------------------------------
+    # ---- requests in ---------------------------------------------------------------------
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this server runs with --skip-tokenizer-init: send input_ids, not text", param="text")
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
 
-    def check_request(self, input_ids: list[int], sampling_params: dict[str, Any] | None) -> SamplingParams:
-        """Raise ValueError (with a client-facing message) for a request that cannot run."""
-        info = self.info
-        return check_generate_request(input_ids, sampling_params, info.vocab_size, info.max_req_input_len, info.context_length)
+    def check(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
+        """Tokenize and validate every prompt of ``obj``; InvalidRequestError says what is wrong."""
+        items = obj.normalize()
+        texts = [item.text for item in items if item.text is not None]
+        tokenized = iter(self.tokenize(texts)) if texts else iter(())
+        reqs = []
+        for item in items:
+            input_ids = next(tokenized) if item.text is not None else item.input_ids
+            params = self._check_prompt(input_ids, item.sampling_params)
+            reqs.append(TokenizedGenerateReq(item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream))
+        return reqs
 
-    async def generate_stream(
-        self,
-        input_ids: list[int],
-        sampling_params: dict[str, Any] | None = None,
-        rid: str | None = None,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        stream: bool = True,
-    ) -> AsyncIterator[ReqOutput]:
-        """Outputs of one request, step by step, the last one carrying ``finish_reason``. With
-        ``stream=False`` the scheduler sends only that last output, holding every token:
-        callers that just collect the result spare the detokenizer and this process a
-        wake-up per step."""
-        self.check_request(input_ids, sampling_params)
-        self._raise_if_failed()
-        rid = rid or uuid.uuid4().hex
-        if rid in self.states:
-            raise ValueError(f"request id {rid!r} is already in use")
-        state = self.states[rid] = _ReqState(self._pick_replica())
-        msg = TokenizedGenerateReq(rid, list(input_ids), dict(sampling_params or {}), return_logprob, top_logprobs_num, stream)
-        arrival = last = time.perf_counter()
+    def _check_prompt(self, input_ids: list[int], sampling_params: dict[str, Any]) -> SamplingParams:
+        info = self.info
         try:
-            await self._to_replicas[state.replica].send(msg)
-            while True:
-                out = await state.queue.get()
+            params = SamplingParams.from_dict(sampling_params)
+            params.validate(info.vocab_size)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="sampling_params") from e
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer (this server runs with --skip-tokenizer-init)", "stop")
+        if not input_ids:
+            raise InvalidRequestError("the prompt is empty", param="input_ids")
+        if min(input_ids) < 0 or max(input_ids) >= info.vocab_size:
+            raise InvalidRequestError(f"input_ids must be integers in [0, {info.vocab_size})", param="input_ids")
+        if len(input_ids) > info.max_req_input_len:
+            message = f"the prompt has {len(input_ids)} tokens, more than the {info.max_req_input_len} this server accepts"
+            raise InvalidRequestError(message, param="input_ids", code="context_length_exceeded")
+        if len(input_ids) + params.max_new_tokens > info.context_length:
+            message = (
+                f"the prompt ({len(input_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the context length ({info.context_length})"
+            )
+            raise InvalidRequestError(message, param="max_new_tokens", code="context_length_exceeded")
+        return params
+
+    async def generate(self, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[tuple[int, ReqOutput]]:
+        """Run every request at once; yield ``(index in reqs, output)`` as outputs arrive, a
+        request's last output carrying its ``finish_reason``. A request that does not stream
+        gets one output, when it finishes. Closing the iterator early aborts what still runs."""
+        self._raise_if_failed()
+        for req in reqs:
+            if req.rid in self.states:
+                raise InvalidRequestError(f"request id {req.rid!r} is already in use", param="rid")
+        merged: asyncio.Queue = asyncio.Queue()
+        index_of = {req.rid: i for i, req in enumerate(reqs)}
+        arrival = time.perf_counter()
+        states = {}
+        try:
+            for req in reqs:
+                states[req.rid] = self.states[req.rid] = _ReqState(self._pick_replica(), req.stream, merged)
+                await self._to_replicas[states[req.rid].replica].send(req)
+            last = dict.fromkeys(states, arrival)
+            running = len(reqs)
+            while running:
+                out = await merged.get()
                 if isinstance(out, BaseException):
                     raise out
-                now = time.perf_counter()
-                if self.metrics is not None:
-                    if stream:
-                        self.metrics.observe_tokens(len(out.new_token_ids), now - last, first=last == arrival)
-                    else:  # one output at the end: no first-token or inter-token time to observe
-                        self.metrics.count_tokens(len(out.new_token_ids))
-                    if out.finish_reason is not None:
-                        self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - arrival)
-                last = now
+                self._observe(out, states[out.rid].stream, arrival, last)
                 if out.finish_reason is not None:
-                    state.finished = True
-                yield out
-                if state.finished:
-                    return
+                    states[out.rid].finished = True
+                    running -= 1
+                yield index_of[out.rid], out
         finally:
-            self.states.pop(rid, None)
-            if not state.finished and self._failure is None:
-                # The caller stopped listening: free the request's memory in the scheduler.
-                await self._to_replicas[state.replica].send(AbortReq(rid))
+            unfinished = [(rid, state.replica) for rid, state in states.items() if not state.finished]
+            for rid in states:
+                self.states.pop(rid, None)
+            if unfinished and self._failure is None:
+                # The caller stopped listening: free the requests' memory in the scheduler. A task
+                # of its own, so that it runs even when the caller's task is being cancelled.
+                task = asyncio.get_running_loop().create_task(self._send_aborts(unfinished))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _send_aborts(self, requests: list[tuple[str, int]]) -> None:
+        for rid, replica in requests:
+            await self._to_replicas[replica].send(AbortReq(rid))
+
+    def _observe(self, out: ReqOutput, stream: bool, arrival: float, last: dict[str, float]) -> None:
+        if self.metrics is None:
+            return
+        now = time.perf_counter()
+        if stream:
+            self.metrics.observe_tokens(len(out.new_token_ids), now - last[out.rid], first=last[out.rid] == arrival)
+        else:  # one output at the end: no first-token or inter-token time to observe
+            self.metrics.count_tokens(len(out.new_token_ids))
+        if out.finish_reason is not None:
+            self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - arrival)
+        last[out.rid] = now
 
     def _pick_replica(self) -> int:
         """Data parallelism: which replica takes the next request."""
@@ -169,10 +213,10 @@ class TokenizerManager:
         for rid in list(self.states):
             await self.abort(rid)
 
-    # ---- control ---------------------------------------------------------------------
+    # ---- control -----------------------------------------------------------------------------
 
     async def flush_cache(self) -> bool:
-        replies = await self._control(FlushCacheReq(), FlushCacheDone)
+        replies = await self._control(FlushCacheReq)
         return all(reply.success for reply in replies)
 
     async def get_internal_state(self) -> InternalState:
@@ -180,37 +224,40 @@ class TokenizerManager:
         return InternalState.combine(await self.get_replica_states())
 
     async def get_replica_states(self) -> list[InternalState]:
-        return await self._control(GetInternalStateReq(), InternalState)
+        return [reply.state for reply in await self._control(GetInternalStateReq)]
 
-    async def _control(self, request: Any, reply_type: type) -> list[Any]:
-        """Send ``request`` to every replica and gather one reply from each."""
+    async def _control(self, request_type: type) -> list[Any]:
+        """Send one ``request_type`` to each replica and gather the reply that names its request id."""
         self._raise_if_failed()
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in self._to_replicas]
-        self._control_waiters.setdefault(reply_type, []).extend(futures)
-        for sender in self._to_replicas:
-            await sender.send(request)
-        return list(await asyncio.gather(*futures))
+        ids = [uuid.uuid4().hex for _ in self._to_replicas]
+        futures = [self._replies.setdefault(request_id, loop.create_future()) for request_id in ids]
+        try:
+            for sender, request_id in zip(self._to_replicas, ids):
+                await sender.send(request_type(request_id))
+            return list(await asyncio.gather(*futures))
+        finally:
+            for request_id in ids:
+                self._replies.pop(request_id, None)
 
-    # ---- background tasks --------------------------------------------------------------
+    # ---- background tasks --------------------------------------------------------------------
 
     async def _route_outputs(self) -> None:
         while True:
-            msg = await self._from_detokenizer.recv()
-            if isinstance(msg, BatchTokenOut):
+            msg = await self._from_runtime.recv()
+            if isinstance(msg, (BatchStrOut, BatchTokenOut)):
                 for out in msg.outputs:
                     state = self.states.get(out.rid)
                     if state is not None:
-                        state.queue.put_nowait(out)
-            else:
-                waiters = self._control_waiters.get(type(msg))
-                if waiters:
-                    waiters.pop(0).set_result(msg)
+                        # Without a tokenizer the scheduler's outputs come straight here, textless.
+                        state.queue.put_nowait(out if isinstance(out, ReqOutput) else ReqOutput(**vars(out)))
+            elif (future := self._replies.get(msg.request_id)) is not None and not future.done():
+                future.set_result(msg)
 
     async def _watch_children(self) -> None:
         while self._failure is None:
             await asyncio.sleep(0.5)
-            dead = self.dead_children()
+            dead = self.runtime.dead_children()
             if dead:
                 self._fail(f"runtime process(es) died: {', '.join(dead)}")
 
@@ -222,11 +269,9 @@ class TokenizerManager:
         error = RuntimeDiedError(reason)
         for state in self.states.values():
             state.queue.put_nowait(error)
-        for waiters in self._control_waiters.values():
-            for future in waiters:
-                if not future.done():
-                    future.set_exception(error)
-        self._control_waiters.clear()
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(error)
 
     @property
     def failure(self) -> str | None:

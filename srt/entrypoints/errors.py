@@ -1,11 +1,18 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status."""
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status,
+and the app's handlers that turn every failure into one."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from srt.runtime.generate_request import InvalidRequestError
+from srt.tokenizer_manager.manager import RuntimeDiedError
 
 
 class JSONResponse(Response):
@@ -15,6 +22,7 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
 
 _TYPES = {
     400: "invalid_request_error",
@@ -35,8 +43,43 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
+    @classmethod
+    def of(cls, error: Exception) -> APIError:
+        """The API error for a failure that the runtime raised."""
+        if isinstance(error, APIError):
+            return error
+        if isinstance(error, InvalidRequestError):
+            return cls(400, str(error), param=error.param, code=error.code)
+        if isinstance(error, RuntimeDiedError):
+            return cls(503, str(error), type="server_error")
+        raise TypeError(f"no API error for {type(error).__name__}") from error
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    @app.exception_handler(InvalidRequestError)
+    @app.exception_handler(RuntimeDiedError)
+    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+        return APIError.of(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, location = "the request body is not valid JSON", []
+        elif location:
+            message = f"{'.'.join(location)}: {message}"
+        # ``param`` names the top-level field, as OpenAI does; the message keeps the full path.
+        return APIError(400, message, param=location[0] if location else None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()

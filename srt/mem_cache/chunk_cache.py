@@ -18,6 +18,8 @@ from srt.mem_cache.radix_cache import MatchResult, TreeNode
 class ChunkCache:
     """A cache that caches nothing; every slot stays with the request that allocated it."""
 
+    shares_prefixes = False
+
     def __init__(self, allocator: KVSlotAllocator) -> None:
         self.allocator = allocator
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)

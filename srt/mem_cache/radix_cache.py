@@ -64,6 +64,8 @@ class MatchResult:
 class RadixCache:
     """Prefix cache over a radix tree, evicting unlocked leaves in LRU order."""
 
+    shares_prefixes = True
+
     def __init__(self, allocator: KVSlotAllocator) -> None:
         self.allocator = allocator
         self._clock = itertools.count(1)

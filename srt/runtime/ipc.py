@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from srt.runtime.messages import decode, encode
+from srt.runtime.codec import decode, encode
 
 
 @dataclass
@@ -22,11 +22,15 @@ class IpcEndpoints:
     """Where each process listens."""
 
     scheduler_inputs: list[str]  # TokenizerManager → rank 0 of each data-parallel replica
-    detokenizer_input: str  # every replica's rank 0 → detokenizer
+    scheduler_output: str  # every replica's rank 0 → the detokenizer (or, without a tokenizer, the TokenizerManager)
     tokenizer_input: str  # detokenizer → TokenizerManager
 
+    @property
+    def has_detokenizer(self) -> bool:
+        return self.scheduler_output != self.tokenizer_input
+
     @classmethod
-    def in_new_dir(cls, dp_size: int = 1) -> tuple["IpcEndpoints", str]:
+    def in_new_dir(cls, dp_size: int = 1, with_detokenizer: bool = True) -> tuple[IpcEndpoints, str]:
         directory = tempfile.mkdtemp(prefix="srt-ipc-")
         os.chmod(directory, 0o700)
 
@@ -34,7 +38,8 @@ class IpcEndpoints:
             return f"ipc://{os.path.join(directory, name)}"
 
         schedulers = [endpoint(f"scheduler-{i}") for i in range(dp_size)]
-        return cls(schedulers, endpoint("detokenizer"), endpoint("tokenizer")), directory
+        tokenizer = endpoint("tokenizer")
+        return cls(schedulers, endpoint("detokenizer") if with_detokenizer else tokenizer, tokenizer), directory
 
 
 def _socket(context: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:

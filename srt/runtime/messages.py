@@ -1,4 +1,9 @@
-"""Messages between the processes: plain dataclasses, encoded as msgpack ``[tag, fields]`` (no pickle)."""
+"""Messages between the processes, one dataclass per kind, grouped by who sends them to whom.
+
+``srt.runtime.codec`` puts them on the wire as msgpack (no pickle). Control requests
+carry a ``request_id`` that their reply repeats, so concurrent control calls (one per
+data-parallel replica each) never take each other's replies.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,56 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+from srt.sampling.sampling_params import SamplingParams
+
+# ---- why a request ended (scheduler → detokenizer → TokenizerManager) ------------------------
+
+
+@dataclass
+class FinishStop:
+    """A stop token id (int) or stop string (str) ended the request."""
+
+    matched: int | str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "stop", "matched": self.matched}
+
+
+@dataclass
+class FinishLength:
+    """``max_new_tokens`` or the context length ended the request after ``length`` tokens."""
+
+    length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "length", "length": self.length}
+
+
+@dataclass
+class FinishAbort:
+    """The request was refused or given up; ``status_code`` is the HTTP status a front answers
+    with: 400 when the request itself was at fault, 503 when the server gave it up."""
+
+    message: str
+    status_code: int = 503
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "abort", "message": self.message, "status_code": self.status_code}
+
+
+FinishReason = FinishStop | FinishLength | FinishAbort
+
+
+# ---- TokenizerManager → scheduler --------------------------------------------------------------
 
 
 @dataclass
 class TokenizedGenerateReq:
+    """A request checked by the TokenizerManager (the only place that validates it)."""
+
     rid: str
     input_ids: list[int]
-    sampling_params: dict[str, Any]
+    sampling_params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
     stream: bool = True  # False: the scheduler sends one output, when the request finishes
@@ -26,12 +73,21 @@ class AbortReq:
 
 @dataclass
 class FlushCacheReq:
-    pass
+    request_id: str
 
 
 @dataclass
 class GetInternalStateReq:
-    pass
+    request_id: str
+
+
+# ---- scheduler → TokenizerManager (passed through by the detokenizer) ------------------------
+
+
+@dataclass
+class FlushCacheReply:
+    request_id: str
+    success: bool
 
 
 @dataclass
@@ -48,7 +104,7 @@ class InternalState:
     cache_hit_rate: float
 
     @classmethod
-    def combine(cls, states: list["InternalState"]) -> "InternalState":
+    def combine(cls, states: list[InternalState]) -> InternalState:
         """Counts summed over data-parallel replicas; the hit rate averaged."""
         if len(states) == 1:
             return states[0]
@@ -59,9 +115,19 @@ class InternalState:
 
 
 @dataclass
+class InternalStateReply:
+    request_id: str
+    state: InternalState
+
+
+# ---- scheduler → detokenizer -------------------------------------------------------------------
+
+
+@dataclass
 class DetokInit:
     """What the detokenizer needs to know about a request, sent with its first output."""
 
+    rid: str
     prompt_tail: list[int]  # the last prompt tokens, decoding context for the first output token
     stop: list[str]
     skip_special_tokens: bool
@@ -70,72 +136,59 @@ class DetokInit:
 
 
 @dataclass
-class ReqOutput:
-    """What one request gained in one scheduler step."""
+class TokenOutput:
+    """What one request gained since its last output."""
 
     rid: str
     new_token_ids: list[int]
-    finish_reason: dict[str, Any] | None
+    finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
     logprobs: list[float] = field(default_factory=list)  # one per new token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per new token
-    detok_init: DetokInit | None = None
-    text: str = ""  # filled in by the detokenizer: new text since the last output
 
 
 @dataclass
 class BatchTokenOut:
-    """Scheduler to detokenizer: token ids. Detokenizer to TokenizerManager: the same, with text."""
+    outputs: list[TokenOutput]
+    new_requests: list[DetokInit] = field(default_factory=list)  # requests whose first output is in ``outputs``
 
-    outputs: list[ReqOutput]
+
+# ---- detokenizer → TokenizerManager ------------------------------------------------------------
 
 
 @dataclass
-class FlushCacheDone:
-    success: bool
+class ReqOutput(TokenOutput):
+    """A ``TokenOutput`` with its text: what the fronts read, one per step (or one in all)."""
+
+    text: str = ""  # new text since the last output; empty when the server has no tokenizer
 
 
-_TYPES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        TokenizedGenerateReq,
-        AbortReq,
-        FlushCacheReq,
-        GetInternalStateReq,
-        InternalState,
-        DetokInit,
-        ReqOutput,
-        BatchTokenOut,
-        FlushCacheDone,
-    )
-}
+@dataclass
+class BatchStrOut:
+    outputs: list[ReqOutput]
 
 
-def _to_wire(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {"__t": type(obj).__name__, **{f.name: _to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
-    if isinstance(obj, (list, tuple)):
-        return [_to_wire(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_wire(v) for k, v in obj.items()}
-    return obj
+# ---- a child process → its parent, once, at start-up -----------------------------------------------
 
 
-def _from_wire(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        values = {k: _from_wire(v) for k, v in obj.items() if k != "__t"}
-        tag = obj.get("__t")
-        return _TYPES[tag](**values) if tag else values
-    if isinstance(obj, list):
-        return [_from_wire(x) for x in obj]
-    return obj
+@dataclass
+class SchedulerInfo:
+    """What a scheduler rank reports when it is ready; the TokenizerManager checks requests against it."""
+
+    max_total_tokens: int
+    max_req_input_len: int
+    context_length: int
+    vocab_size: int
+    weight_bytes: int
 
 
-def encode(message: Any) -> bytes:
-    return msgpack.packb(_to_wire(message), use_bin_type=True)
+@dataclass
+class ChildReady:
+    info: SchedulerInfo | None = None  # None for the detokenizer
 
 
-def decode(data: bytes) -> Any:
-    return _from_wire(msgpack.unpackb(data, raw=False, strict_map_key=False))
+@dataclass
+class ChildFailed:
+    error: str

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from srt.sampling.logits_processor import LogitsProcessor, build_logits_processors
 from srt.sampling.sampling_params import SamplingParams
 
 
@@ -34,41 +35,16 @@ class SamplingBatch:
     min_ps: torch.Tensor | None
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64: output position being sampled
-    additive: torch.Tensor | None  # [B, V] logit_bias and min_new_tokens masking
-    frequency: torch.Tensor | None  # [B, 1]
-    presence: torch.Tensor | None  # [B, 1]
-    repetition: torch.Tensor | None  # [B, 1]
-    output_counts: torch.Tensor | None  # [B, V] counts of generated tokens
-    seen: torch.Tensor | None  # [B, V] bool: prompt or generated (repetition penalty)
+    processors: list[LogitsProcessor]  # applied in order before sampling
 
     @classmethod
-    def build(cls, reqs: list[SamplingRequest], vocab_size: int, device: torch.device) -> "SamplingBatch":
+    def build(cls, reqs: list[SamplingRequest], vocab_size: int, device: torch.device) -> SamplingBatch:
         params = [r.params for r in reqs]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        def optional(values: list[float], neutral: float) -> torch.Tensor | None:
-            return column(values, torch.float32)[:, None] if any(v != neutral for v in values) else None
-
         greedy = [p.is_greedy for p in params]
-        additive = None
-        suppress = [r.stop_ids if len(r.output_ids) < r.params.min_new_tokens else [] for r in reqs]
-        if any(p.logit_bias for p in params) or any(suppress):
-            additive = torch.zeros(len(reqs), vocab_size, dtype=torch.float32, device=device)
-            for i, (p, stops) in enumerate(zip(params, suppress)):
-                for token, bias in p.logit_bias.items():
-                    additive[i, token] += bias
-                if stops:
-                    additive[i, stops] = float("-inf")
-        frequency = optional([p.frequency_penalty for p in params], 0.0)
-        presence = optional([p.presence_penalty for p in params], 0.0)
-        repetition = optional([p.repetition_penalty for p in params], 1.0)
-        output_counts = seen = None
-        if frequency is not None or presence is not None or repetition is not None:
-            output_counts = _token_counts([r.output_ids for r in reqs], vocab_size, device)
-        if repetition is not None:
-            seen = (output_counts > 0) | (_token_counts([r.prompt_ids for r in reqs], vocab_size, device) > 0)
         top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         return cls(
             temperatures=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32)[:, None],
@@ -78,41 +54,19 @@ class SamplingBatch:
             min_ps=column([p.min_p for p in params], torch.float32) if any(p.min_p > 0 for p in params) else None,
             seeds=column([r.seed for r in reqs], torch.int64),
             steps=column([len(r.output_ids) for r in reqs], torch.int64),
-            additive=additive,
-            frequency=frequency,
-            presence=presence,
-            repetition=repetition,
-            output_counts=output_counts,
-            seen=seen,
+            processors=build_logits_processors(reqs, vocab_size, device),
         )
 
 
-def _token_counts(sequences: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    counts = torch.zeros(len(sequences), vocab_size, dtype=torch.float32, device=device)
-    rows = [i for i, seq in enumerate(sequences) for _ in seq]
-    if rows:
-        ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64, device=device)
-        counts.index_put_((torch.tensor(rows, device=device), ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
-    return counts
-
-
-def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Logit bias, min_new_tokens masking and the three penalties (OpenAI and HF semantics)."""
-    if batch.repetition is not None:
-        penalized = torch.where(logits > 0, logits / batch.repetition, logits * batch.repetition)
-        logits = torch.where(batch.seen, penalized, logits)
-    if batch.frequency is not None:
-        logits = logits - batch.frequency * batch.output_counts
-    if batch.presence is not None:
-        logits = logits - batch.presence * (batch.output_counts > 0).float()
-    if batch.additive is not None:
-        logits = logits + batch.additive
+def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    for processor in batch.processors:
+        logits = processor(logits)
     return logits
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Next token per row of ``logits [B, V]`` (float32)."""
-    logits = apply_penalties(logits, batch)
+    logits = apply_logits_processors(logits, batch)
     greedy_ids = logits.argmax(dim=-1)
     if bool(batch.greedy.all()):
         return greedy_ids

@@ -1,0 +1,122 @@
+"""SGLang's native routes: ``/generate``, health, model and server info, cache, abort, metrics.
+
+Handlers talk only to the TokenizerManager kept in ``app.state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from srt.entrypoints.errors import APIError
+from srt.entrypoints.results import GenerateResult, collect
+from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
+from srt.runtime.generate_request import GenerateReqInput
+from srt.runtime.messages import TokenizedGenerateReq
+from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
+
+router = APIRouter()
+
+
+class AbortReqInput(BaseModel):
+    rid: str
+
+
+def _tm(request: Request) -> TokenizerManager:
+    return request.app.state.tokenizer_manager
+
+
+async def warm_up(tm: TokenizerManager) -> None:
+    """One one-token generation (the server's warm-up, and ``/health_generate``)."""
+    ids = (tm.tokenize(["The"])[0] if tm.tokenizer is not None else []) or [0]
+    await collect(tm, tm.check(GenerateReqInput(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    ready = request.app.state.ready and _tm(request).failure is None
+    return Response(status_code=200 if ready else 503)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    if not request.app.state.ready:
+        return Response(status_code=503)
+    try:
+        await asyncio.wait_for(warm_up(_tm(request)), timeout=60)
+    except (RuntimeDiedError, asyncio.TimeoutError):
+        return Response(status_code=503)
+    return Response(status_code=200)
+
+
+@router.get("/model_info")
+async def model_info(request: Request) -> dict:
+    runtime = _tm(request).runtime
+    return {
+        "model_path": runtime.model_path,
+        "tokenizer_path": runtime.tokenizer_path,
+        "served_model_name": request.app.state.model_name,
+        "is_generation": True,
+        "context_length": runtime.info.context_length,
+    }
+
+
+@router.get("/server_info")
+async def server_info(request: Request) -> dict:
+    tm = _tm(request)
+    state = await tm.get_internal_state()
+    return {
+        **dataclasses.asdict(request.app.state.server_args),
+        "max_total_tokens": tm.info.max_total_tokens,
+        "max_req_input_len": tm.info.max_req_input_len,
+        "internal_state": dataclasses.asdict(state),
+    }
+
+
+@router.post("/flush_cache")
+async def flush_cache(request: Request) -> Response:
+    if await _tm(request).flush_cache():
+        return Response("Cache flushed.\n", status_code=200)
+    raise APIError(400, "cannot flush the cache while requests are running")
+
+
+@router.post("/abort_request")
+async def abort_request(body: AbortReqInput, request: Request) -> Response:
+    await _tm(request).abort(body.rid)
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    tm = _tm(request)
+    state = await tm.get_internal_state()
+    return Response(tm.metrics.render(state), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/generate")
+async def generate(body: GenerateReqInput, request: Request):
+    tm = _tm(request)
+    reqs = tm.check(body)
+    if body.stream:
+        return StreamingResponse(_sse_generate(tm, reqs, body.is_single), media_type="text/event-stream")
+    results = [r.to_dict() for r in await until_disconnected(request, collect(tm, reqs))]
+    return results[0] if body.is_single else results
+
+
+async def _sse_generate(tm: TokenizerManager, reqs: list[TokenizedGenerateReq], single: bool) -> AsyncIterator[bytes]:
+    """SGLang's streaming shape: each event carries the text and ids so far (not deltas)."""
+    results = [GenerateResult(req.rid, has_text=tm.tokenizer is not None) for req in reqs]
+    try:
+        async with aclosing(tm.generate(reqs)) as outputs:
+            async for index, out in outputs:
+                results[index].add(out)
+                yield sse({**results[index].to_dict(), **({} if single else {"index": index})})
+    except RuntimeDiedError as e:  # the response has started: tell the client in-band
+        yield sse(APIError.of(e).body())
+    yield SSE_DONE

@@ -1,0 +1,77 @@
+"""Prompts of the OpenAI routes as token ids: completion prompts, and chat messages rendered
+with the model's chat template."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jinja2
+
+from srt.entrypoints.errors import APIError
+from srt.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from srt.tokenizer_manager.manager import TokenizerManager
+
+
+def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Token ids of each prompt, given as a text, texts, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return tm.tokenize([prompt])
+    if not prompt:
+        raise APIError(400, "prompt is an empty list", param="prompt")
+    if isinstance(prompt[0], str):
+        return tm.tokenize(prompt)
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return prompt
+
+
+def chat_input_ids(tokenizer, chat_template_arg: str | None, body: ChatCompletionRequest) -> list[int]:
+    if not body.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    if chat_template_arg is None and tokenizer.chat_template is None:
+        raise APIError(
+            400,
+            "this model has no chat template: use /v1/completions, or start the server with "
+            "--chat-template (a Jinja file or template string)",
+            param="messages",
+        )
+    messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            chat_template=_read_chat_template(chat_template_arg) if chat_template_arg else None,
+            add_generation_prompt=body.add_generation_prompt,
+            tokenize=False,
+            **(body.chat_template_kwargs or {}),
+        )
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # e.g. a template that insists roles alternate
+        raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    # The template already wrote the special tokens it wants (a BOS among them): add none.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_chat_template(arg: str) -> str:
+    """``--chat-template``: a Jinja file, else the template itself (or the name of one of the tokenizer's)."""
+    if os.path.isfile(arg):
+        with open(arg) as f:
+            return f.read()
+    return arg
+
+
+def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    """The message as chat templates expect it: content as one string."""
+    content = message.content
+    if isinstance(content, list):
+        for part in content:
+            if part.type != "text":
+                error = f"messages[{index}]: content parts of type {part.type!r} are not supported yet"
+                raise APIError(400, error, param="messages")
+            if part.text is None:
+                raise APIError(400, f"messages[{index}]: a text part has no text", param="messages")
+        content = "\n".join(part.text for part in content)
+    elif content is None and not (message.role == "assistant" and message.tool_calls):
+        raise APIError(400, f"messages[{index}] has no content", param="messages")
+    return {**message.model_dump(exclude_none=True), "content": content}

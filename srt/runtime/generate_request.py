@@ -1,0 +1,83 @@
+"""GenerateReqInput: the one shape of a generation request, whichever front it came through.
+
+``POST /generate`` bodies are one, ``srt.Engine.generate`` builds one from its arguments
+and the OpenAI routes build one per API request (a prompt per choice). ``normalize``
+checks the shape once (one prompt or a batch, one sampling-params dict or one per
+prompt, request ids); the TokenizerManager then tokenizes and checks each prompt against
+the model, which is the only other check a request ever gets.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot run; ``param`` names the field at fault (OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class GenerateItem:
+    """One prompt of a request, before tokenization."""
+
+    rid: str
+    text: str | None
+    input_ids: list[int] | None
+    sampling_params: dict[str, Any]
+
+
+class GenerateReqInput(BaseModel):
+    """SGLang's names: ``text`` or ``input_ids`` (one prompt or a list), ``sampling_params``
+    (one dict for all prompts or one each), ``rid`` (one, used as a prefix for a batch, or one each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    rid: str | list[str] | None = None
+
+    @property
+    def is_single(self) -> bool:
+        """One prompt (answered with one result), not a batch (answered with a list)."""
+        if self.text is not None:
+            return isinstance(self.text, str)
+        return not self.input_ids or isinstance(self.input_ids[0], int)
+
+    def normalize(self) -> list[GenerateItem]:
+        if (self.text is None) == (self.input_ids is None):
+            raise InvalidRequestError("give exactly one of text and input_ids", param="text")
+        if self.top_logprobs_num < 0:
+            raise InvalidRequestError("top_logprobs_num must be >= 0", param="top_logprobs_num")
+        single = self.is_single
+        if self.text is not None:
+            texts: list[str | None] = [self.text] if single else list(self.text)
+            ids: list[list[int] | None] = [None] * len(texts)
+        else:
+            ids = [self.input_ids] if single else list(self.input_ids)
+            texts = [None] * len(ids)
+        n = len(ids)
+        if n == 0:
+            raise InvalidRequestError("the batch is empty", param="text")
+        params = self.sampling_params if isinstance(self.sampling_params, list) else [self.sampling_params] * n
+        if isinstance(self.rid, list):
+            rids = self.rid
+        elif single:
+            rids = [self.rid or uuid.uuid4().hex]
+        else:
+            rids = [f"{self.rid}-{i}" if self.rid else uuid.uuid4().hex for i in range(n)]
+        if len(params) != n or len(rids) != n:
+            raise InvalidRequestError(f"sampling_params and rid must have one entry per prompt ({n})", param="sampling_params")
+        return [GenerateItem(rid, text, prompt_ids, dict(p or {})) for rid, text, prompt_ids, p in zip(rids, texts, ids, params)]
