@@ -39,8 +39,8 @@ def read_shard(loaded: Any, dim: int, packed: int = 1, index: int | None = None,
     pieces = []
     for b in range(packed):
         start = b * block + index * shard
-        index = tuple(slice(start, start + shard) if d == dim else slice(None) for d in range(len(full)))
-        pieces.append(torch.as_tensor(loaded[index]))
+        window = tuple(slice(start, start + shard) if d == dim else slice(None) for d in range(len(full)))
+        pieces.append(torch.as_tensor(loaded[window]))
     return pieces[0] if packed == 1 else torch.cat(pieces, dim=dim)
 
 
