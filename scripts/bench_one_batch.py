@@ -177,7 +177,7 @@ def main() -> None:
     timers = Timers()
     timers.wrap(runner, "forward", "forward")
     for name in ("prepare", "store", "forward"):
-        timers.wrap(runner.backend, name, "attention")
+        timers.wrap(runner.attention.backend, name, "attention")
     timers.wrap(scheduler_module, "sample", "sampling")
     timers.wrap(scheduler_module, "token_logprobs", "sampling")
     print(f"model {model_path} ({runner.dtype}, {runner.device}, {torch.get_num_threads()} threads)")

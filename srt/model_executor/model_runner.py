@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from srt.layers.attention.base import create_attention_backend
+from srt.layers.attention.interface import AttentionContext
 from srt.platform import device as devices
-from srt.layers.attention.interface import AttentionBackend, forward_context
 from srt.platform.distributed import tp_size
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.layers.linear import PackableWeight, pack_linear_weights
@@ -19,19 +20,6 @@ from srt.model_loader.loader import ModelShape, checkpoint_dtype, load_config, l
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-
-def attention_backend_for(name: str, device: torch.device) -> AttentionBackend:
-    """``auto``: Triton kernels on CUDA, torch on CPU."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "triton":
-        from srt.layers.attention.triton_backend import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    from srt.layers.attention.torch_backend import TorchAttentionBackend
-
-    return TorchAttentionBackend()
 
 
 @dataclass
@@ -50,9 +38,16 @@ class ModelRunner:
         self.kv_dtype = devices.resolve_kv_dtype(server_args.kv_cache_dtype, self.dtype)
         self.shape: ModelShape = model_shape(self.config, server_args.context_length)
         self.generation_config = _generation_config(model_path)
+        backend = server_args.attention_backend
+        if backend == "auto":
+            backend = devices.default_attention_backend(self.device)
+        # This model's own attention function and forward state: no other model sees them.
+        self.attention = AttentionContext(create_attention_backend(backend))
 
         start = time.perf_counter()
-        self.model = load_model(model_path, self.config, self.dtype, self.device, server_args.trust_remote_code)
+        self.model = load_model(
+            model_path, self.config, self.dtype, self.device, self.attention.name, server_args.trust_remote_code
+        )
         if devices.prepacks_linear_weights(self.device, self.dtype):
             pack_linear_weights(self.model)
         if server_args.enable_torch_compile:
@@ -69,7 +64,6 @@ class ModelRunner:
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
         self.allocator = KVSlotAllocator(self.plan.max_total_tokens, self.device)
         self.kv_cache = KVCache(self.plan.max_total_tokens, *self.kv_shape, self.kv_dtype, self.device)
-        self.backend = attention_backend_for(server_args.attention_backend, self.device)
 
     def _plan_memory(self) -> MemoryPlan:
         args = self.server_args
@@ -113,7 +107,7 @@ class ModelRunner:
         probe = _KVShapeProbe()
         one = torch.zeros(1, dtype=torch.int64, device=self.device)
         batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), kv_cache=None)  # type: ignore[arg-type]
-        with forward_context(batch, probe):
+        with self.attention.running(batch, backend=probe):
             self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
         shapes = set(probe.shapes.values())
         if len(shapes) != 1 or sorted(probe.shapes) != list(range(len(probe.shapes))):
@@ -124,7 +118,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits ``[B, vocab]`` at each request's last new token."""
-        with forward_context(batch, self.backend):
+        with self.attention.running(batch):
             out = self.model(
                 input_ids=batch.input_ids[None],
                 position_ids=batch.positions[None],

@@ -1,7 +1,7 @@
 """Build a transformers model from its config, make it tensor-parallel, load its shard.
 
 No per-model code: the model's own classes run the forward; we only (1) route its
-attention to the ``"srt"`` function, (2) swap linears and embeddings for the parallel
+attention to the srt attention function registered for it, (2) swap linears and embeddings for the parallel
 layers its TP plan names, and (3) stream weights from safetensors through each
 parameter's ``weight_loader``.
 """
@@ -21,7 +21,6 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from srt.layers.attention.interface import ATTENTION_NAME, register_attention
 from srt.platform.distributed import tp_size
 from srt.layers.linear import (
     ColumnParallelLinear,
@@ -80,11 +79,12 @@ def load_model(
     config: PretrainedConfig,
     dtype: torch.dtype,
     device: torch.device,
+    attn_implementation: str,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """The model with this rank's weights, in eval mode, attention routed to ``"srt"``."""
-    register_attention()
-    config._attn_implementation = ATTENTION_NAME
+    """The model with this rank's weights, in eval mode, its attention the registered
+    ``attn_implementation`` (an ``AttentionContext``'s name)."""
+    config._attn_implementation = attn_implementation
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
     # computed for real by the modules' own constructors.
     with init_empty_weights(include_buffers=False):
@@ -94,7 +94,7 @@ def load_model(
             f"{type(model).__name__} does not route its attention through transformers' attention interface "
             "(_supports_attention_backend is False), so srt cannot serve it"
         )
-    model.config._attn_implementation = ATTENTION_NAME
+    model.config._attn_implementation = attn_implementation
     apply_tp_plan(model, dtype, device, model_shape(config))
     _materialize(model, device)
     load_weights(model, model_path)

@@ -10,11 +10,14 @@ with decode requests, which are extends of length 1) goes to the extend kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from srt.model_executor.forward_batch import ForwardBatch
 from srt.kernels import triton_attention
+
+if TYPE_CHECKING:
+    from srt.model_executor.forward_batch import ForwardBatch
 
 
 @dataclass
