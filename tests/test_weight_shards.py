@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from srt.layers.linear import read_full, read_shard, shape_of
+from srt.layers.weight_shards import read_full, read_shard, shape_of
 
 FULL = torch.arange(8 * 16, dtype=torch.float32).reshape(8, 16)
 

@@ -14,7 +14,7 @@ from srt.layers.attention.interface import AttentionContext
 from srt.platform import device as devices
 from srt.platform.distributed import tp_size
 from srt.model_executor.forward_batch import ForwardBatch
-from srt.layers.linear import PackableWeight, pack_linear_weights
+from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_loader.loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
 from srt.server_args import ServerArgs

@@ -21,14 +21,10 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from srt.layers.linear import ColumnParallelLinear, RowParallelLinear
+from srt.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from srt.layers.weight_shards import read_full
 from srt.platform.distributed import tp_size
-from srt.layers.linear import (
-    ColumnParallelLinear,
-    ParallelLMHead,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    read_full,
-)
 
 logger = logging.getLogger(__name__)
 
