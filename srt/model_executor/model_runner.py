@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
 from srt.layers.attention.base import create_attention_backend
 from srt.layers.attention.interface import AttentionContext
-from srt.platform import device as devices
-from srt.platform.distributed import tp_size
-from srt.model_executor.forward_batch import ForwardBatch
 from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
-from srt.model_loader.loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
+from srt.model_executor.forward_batch import ForwardBatch
+from srt.model_executor.memory_plan import plan_memory
+from srt.model_loader.config import ModelShape, checkpoint_dtype, load_config, model_shape
+from srt.model_loader.loader import load_model
+from srt.platform import device as devices
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MemoryPlan:
-    max_total_tokens: int
-    max_running_requests: int
-    context_length: int
 
 
 class ModelRunner:
@@ -60,36 +53,10 @@ class ModelRunner:
             time.perf_counter() - start,
         )
         self.kv_shape = self._probe_kv_shape()
-        self.plan = self._plan_memory()
+        self.plan = plan_memory(server_args, self.kv_shape, self.kv_dtype, self.shape.context_length, self.device)
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
         self.allocator = KVSlotAllocator(self.plan.max_total_tokens, self.device)
         self.kv_cache = KVCache(self.plan.max_total_tokens, *self.kv_shape, self.kv_dtype, self.device)
-
-    def _plan_memory(self) -> MemoryPlan:
-        args = self.server_args
-        per_token = KVCache.bytes_per_token(*self.kv_shape, self.kv_dtype)
-        fraction = args.mem_fraction_static or devices.default_mem_fraction(self.device)
-        budget_tokens = devices.kv_budget_bytes(self.device, fraction) // per_token
-        max_total = min(budget_tokens, args.max_total_tokens) if args.max_total_tokens else budget_tokens
-        if tp_size() > 1:
-            max_total = _min_across_ranks(max_total, self.device)
-        context = self.shape.context_length
-        if max_total < 2:
-            raise RuntimeError(
-                f"not enough memory for the KV cache: {max_total} token slots "
-                f"({per_token} bytes per token); lower the context length or raise --mem-fraction-static"
-            )
-        if context > max_total:
-            logger.warning(
-                "the KV cache holds %d tokens, less than the context length %d: requests are capped at %d tokens",
-                max_total,
-                context,
-                max_total,
-            )
-            context = max_total
-        running = args.max_running_requests or max(1, min(4096, max_total // 2))
-        logger.info("KV cache: %d tokens (%.1f MiB), up to %d running requests", max_total, max_total * per_token / 2**20, running)
-        return MemoryPlan(max_total, running, context)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights (packed GEMM weights counted in their packed form)."""
@@ -169,11 +136,3 @@ def _generation_config(model_path: str) -> GenerationConfig | None:
         return GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json: the model config's ids apply
         return None
-
-
-def _min_across_ranks(value: int, device: torch.device) -> int:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
