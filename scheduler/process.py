@@ -13,7 +13,7 @@ import zmq
 from transformers import AutoTokenizer
 
 from srt.platform.device import resolve_device
-from srt.platform.distributed import broadcast_bytes, init_tp_group, tp_size
+from srt.platform.distributed import TPGroup, init_tp_group
 from srt.runtime.ipc import IpcEndpoints, Receiver, Sender
 from srt.runtime.messages import (
     AbortReq,
@@ -47,8 +47,8 @@ def run_scheduler(
     ready: Connection,
 ) -> None:
     torch.set_num_threads(num_threads)
-    init_tp_group(tp_rank, server_args.tp_size, resolve_device(server_args.device, gpu_id), dist_init_method)
-    runner = ModelRunner(server_args, model_path, gpu_id=gpu_id)
+    tp_group = init_tp_group(tp_rank, server_args.tp_size, resolve_device(server_args.device, gpu_id), dist_init_method)
+    runner = ModelRunner(server_args, model_path, tp_group, gpu_id=gpu_id)
     tokenizer = None if server_args.skip_tokenizer_init else AutoTokenizer.from_pretrained(
         tokenizer_path, trust_remote_code=server_args.trust_remote_code
     )
@@ -69,7 +69,7 @@ def run_scheduler(
     )
     logger.info("scheduler rank %d ready", tp_rank)
     while True:
-        messages = _next_messages(scheduler, inbox)
+        messages = _next_messages(scheduler, inbox, tp_group)
         outputs = []
         for msg in messages:
             reply = _dispatch(scheduler, msg)
@@ -82,7 +82,7 @@ def run_scheduler(
             outbox.send(BatchTokenOut(outputs))
 
 
-def _next_messages(scheduler: Scheduler, inbox: Receiver | None) -> list:
+def _next_messages(scheduler: Scheduler, inbox: Receiver | None, tp_group: TPGroup) -> list:
     """This step's messages, the same list in the same order on every rank.
 
     Rank 0 reads its socket (blocking while idle) and broadcasts what it got; the other
@@ -90,16 +90,16 @@ def _next_messages(scheduler: Scheduler, inbox: Receiver | None) -> list:
     ranks an idle leader still broadcasts (an empty list) every second, which keeps
     the followers' collectives inside their timeout.
     """
-    if tp_size() == 1:
+    if tp_group.size == 1:
         return inbox.recv_all() if scheduler.has_work() else [inbox.recv()]
     if inbox is None:
-        return decode(broadcast_bytes(None))
+        return decode(tp_group.broadcast_bytes(None))
     if scheduler.has_work():
         messages = inbox.recv_all()
     else:
         first = inbox.recv(timeout_ms=_IDLE_HEARTBEAT_MS)
         messages = [] if first is None else [first, *inbox.recv_all()]
-    broadcast_bytes(encode(messages))
+    tp_group.broadcast_bytes(encode(messages))
     return messages
 
 

@@ -27,6 +27,7 @@ import torch
 from srt.model_loader.default_model import resolve_model_path
 from srt.runtime.messages import TokenizedGenerateReq
 from srt.model_executor.model_runner import ModelRunner
+from srt.platform.distributed import TPGroup
 from srt.scheduler import scheduler as scheduler_module
 from srt.scheduler.scheduler import Scheduler
 from srt.server_args import ServerArgs
@@ -172,7 +173,7 @@ def main() -> None:
 
     model_path = resolve_model_path(args.model_path)
     server_args = ServerArgs(model_path=model_path, **server_kwargs(args))
-    runner = ModelRunner(server_args, model_path)
+    runner = ModelRunner(server_args, model_path, TPGroup())
     scheduler = Scheduler(server_args, runner)
     timers = Timers()
     timers.wrap(runner, "forward", "forward")

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from srt.layers.attention.interface import AttentionContext
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
+from srt.platform.distributed import TPGroup
 from srt.server_args import ServerArgs
 from tiny_models import build_tiny_model, load_reference
 
@@ -102,7 +103,7 @@ def extend_batch(runner: ModelRunner, row: int, tokens: list[int], start: int) -
 def test_two_model_runners_in_one_process_keep_to_their_own_model(tmp_path):
     dirs = [build_tiny_model(kind, str(tmp_path / kind)) for kind in ("llama", "gemma2")]
     runners = [
-        ModelRunner(ServerArgs(model_path=d, dtype="float32", device="cpu", max_total_tokens=64), d)
+        ModelRunner(ServerArgs(model_path=d, dtype="float32", device="cpu", max_total_tokens=64), d, TPGroup())
         for d in dirs
     ]
     assert runners[0].attention.name != runners[1].attention.name

@@ -14,7 +14,7 @@ from torch import nn
 
 from srt.layers.cpu_weight_packing import PackableWeight
 from srt.layers.weight_shards import loadable_param, read_full, read_shard
-from srt.platform.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
+from srt.platform.distributed import TPGroup
 
 
 class ColumnParallelLinear(PackableWeight, nn.Module):
@@ -32,17 +32,19 @@ class ColumnParallelLinear(PackableWeight, nn.Module):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        tp_group: TPGroup,
         gather_output: bool = False,
         packed: int = 1,
         num_shards: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.tp_group = tp_group
         self.gather_output, self.packed = gather_output, packed
-        self.num_shards = num_shards or tp_size()
-        if tp_size() % self.num_shards:
-            raise ValueError(f"{self.num_shards} shards cannot be spread over tp_size={tp_size()} ranks")
-        self.shard_index = tp_rank() // (tp_size() // self.num_shards)
+        self.num_shards = num_shards or tp_group.size
+        if tp_group.size % self.num_shards:
+            raise ValueError(f"{self.num_shards} shards cannot be spread over tp_size={tp_group.size} ranks")
+        self.shard_index = tp_group.rank // (tp_group.size // self.num_shards)
         if out_features % self.num_shards:
             raise ValueError(f"output features of size {out_features} do not split into {self.num_shards} shards")
         local_out = out_features // self.num_shards
@@ -54,7 +56,7 @@ class ColumnParallelLinear(PackableWeight, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gemm(x, self.bias)
-        return tp_all_gather(y) if self.gather_output else y
+        return self.tp_group.all_gather(y) if self.gather_output else y
 
 
 class RowParallelLinear(PackableWeight, nn.Module):
@@ -71,27 +73,29 @@ class RowParallelLinear(PackableWeight, nn.Module):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        tp_group: TPGroup,
         input_is_parallel: bool = True,
         packed: int = 1,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.tp_group = tp_group
         self.input_is_parallel, self.packed = input_is_parallel, packed
-        if in_features % tp_size():
-            raise ValueError(f"input features of size {in_features} is not divisible by tp_size={tp_size()}")
-        local_in = in_features // tp_size()
+        if in_features % tp_group.size:
+            raise ValueError(f"input features of size {in_features} is not divisible by tp_size={tp_group.size}")
+        local_in = in_features // tp_group.size
         self.weight = loadable_param((out_features, local_in), dtype, device, self._load_weight)
         self.bias = loadable_param((out_features,), dtype, device, self._load_bias) if bias else None
 
     def _load_weight(self, param: nn.Parameter, loaded: Any) -> None:
-        param.data.copy_(read_shard(loaded, 1, self.packed, tp_rank(), tp_size()))
+        param.data.copy_(read_shard(loaded, 1, self.packed, self.tp_group.rank, self.tp_group.size))
 
     def _load_bias(self, param: nn.Parameter, loaded: Any) -> None:
         param.data.copy_(read_full(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel and tp_size() > 1:
-            x = x.chunk(tp_size(), dim=-1)[tp_rank()]
-        y = tp_all_reduce(self.gemm(x, None))
+        if not self.input_is_parallel and self.tp_group.size > 1:
+            x = x.chunk(self.tp_group.size, dim=-1)[self.tp_group.rank]
+        y = self.tp_group.all_reduce(self.gemm(x, None))
         # The bias is added once, after the reduction, not once per rank.
         return y if self.bias is None else y + self.bias

@@ -14,16 +14,16 @@ from torch import nn
 
 from srt.layers.cpu_weight_packing import PackableWeight
 from srt.layers.weight_shards import loadable_param, shape_of
-from srt.platform.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
+from srt.platform.distributed import TPGroup
 
 
 class VocabShard:
     """This rank's contiguous block of vocabulary rows (the vocabulary is padded to split evenly)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, tp_group: TPGroup) -> None:
         self.vocab_size = vocab_size
-        self.rows = -(-vocab_size // tp_size())
-        self.start = tp_rank() * self.rows
+        self.rows = -(-vocab_size // tp_group.size)
+        self.start = tp_group.rank * self.rows
 
     def load(self, param: nn.Parameter, loaded: Any) -> None:
         end = min(self.start + self.rows, shape_of(loaded)[0])
@@ -45,22 +45,24 @@ class VocabParallelEmbedding(nn.Module):
         embedding_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        tp_group: TPGroup,
         embed_scale: torch.Tensor | float | None = None,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.shard = VocabShard(num_embeddings)
+        self.tp_group = tp_group
+        self.shard = VocabShard(num_embeddings, tp_group)
         self.weight = loadable_param((self.shard.rows, embedding_dim), dtype, device, self.shard.load)
         self.embed_scale = embed_scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if tp_size() == 1:
+        if self.tp_group.size == 1:
             out = F.embedding(input_ids, self.weight)
         else:
             local = input_ids - self.shard.start
             outside = (local < 0) | (local >= self.shard.rows)
             out = F.embedding(local.masked_fill(outside, 0), self.weight)
-            out = tp_all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+            out = self.tp_group.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
         if self.embed_scale is not None:
             out = out * torch.as_tensor(self.embed_scale, dtype=out.dtype, device=out.device)
         return out
@@ -70,13 +72,22 @@ class ParallelLMHead(PackableWeight, nn.Module):
     """The output projection split by vocabulary rows like ``VocabParallelEmbedding`` (so tied
     weights shard alike); logits are gathered and the vocabulary padding cut off."""
 
-    def __init__(self, embedding_dim: int, num_embeddings: int, bias: bool, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_embeddings: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp_group: TPGroup,
+    ) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
-        self.shard = VocabShard(num_embeddings)
+        self.tp_group = tp_group
+        self.shard = VocabShard(num_embeddings, tp_group)
         self.weight = loadable_param((self.shard.rows, embedding_dim), dtype, device, self.shard.load)
         self.bias = loadable_param((self.shard.rows,), dtype, device, self.shard.load) if bias else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_all_gather(self.gemm(hidden, self.bias))
+        logits = self.tp_group.all_gather(self.gemm(hidden, self.bias))
         return logits[..., : self.num_embeddings]

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from srt.mem_cache.memory_pool import KVCache
 from srt.platform import device as devices
-from srt.platform.distributed import tp_size
+from srt.platform.distributed import TPGroup
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ def plan_memory(
     kv_dtype: torch.dtype,
     context_length: int,
     device: torch.device,
+    tp_group: TPGroup,
 ) -> MemoryPlan:
     """The KV cache takes its share of what is free now (``--mem-fraction-static``), capped
     by ``--max-total-tokens``; every rank gets the smallest rank's size, so all schedule alike."""
@@ -36,8 +37,8 @@ def plan_memory(
     fraction = args.mem_fraction_static or devices.default_mem_fraction(device)
     budget_tokens = devices.kv_budget_bytes(device, fraction) // per_token
     max_total = min(budget_tokens, args.max_total_tokens) if args.max_total_tokens else budget_tokens
-    if tp_size() > 1:
-        max_total = _min_across_ranks(max_total, device)
+    if tp_group.size > 1:
+        max_total = _min_across_ranks(max_total, device, tp_group)
     context = context_length
     if max_total < 2:
         raise RuntimeError(
@@ -57,7 +58,6 @@ def plan_memory(
     return MemoryPlan(max_total, running, context)
 
 
-def _min_across_ranks(value: int, device: torch.device) -> int:
+def _min_across_ranks(value: int, device: torch.device, tp_group: TPGroup) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return int(tp_group.all_reduce(t, op=dist.ReduceOp.MIN).item())

@@ -17,19 +17,20 @@ from srt.model_executor.memory_plan import plan_memory
 from srt.model_loader.config import ModelShape, checkpoint_dtype, load_config, model_shape
 from srt.model_loader.loader import load_model
 from srt.platform import device as devices
+from srt.platform.distributed import TPGroup
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, model_path: str, gpu_id: int = 0) -> None:
+    def __init__(self, server_args: ServerArgs, model_path: str, tp_group: TPGroup, gpu_id: int = 0) -> None:
         self.server_args = server_args
         self.device = devices.resolve_device(server_args.device, gpu_id)
         self.config = load_config(model_path, server_args.trust_remote_code, server_args.revision)
         self.dtype = devices.resolve_dtype(server_args.dtype, checkpoint_dtype(self.config), self.device)
         self.kv_dtype = devices.resolve_kv_dtype(server_args.kv_cache_dtype, self.dtype)
-        self.shape: ModelShape = model_shape(self.config, server_args.context_length)
+        self.shape: ModelShape = model_shape(self.config, tp_group.size, server_args.context_length)
         self.generation_config = _generation_config(model_path)
         backend = server_args.attention_backend
         if backend == "auto":
@@ -39,7 +40,7 @@ class ModelRunner:
 
         start = time.perf_counter()
         self.model = load_model(
-            model_path, self.config, self.dtype, self.device, self.attention.name, server_args.trust_remote_code
+            model_path, self.config, self.dtype, self.device, tp_group, self.attention.name, server_args.trust_remote_code
         )
         if devices.prepacks_linear_weights(self.device, self.dtype):
             pack_linear_weights(self.model)
@@ -53,7 +54,7 @@ class ModelRunner:
             time.perf_counter() - start,
         )
         self.kv_shape = self._probe_kv_shape()
-        self.plan = plan_memory(server_args, self.kv_shape, self.kv_dtype, self.shape.context_length, self.device)
+        self.plan = plan_memory(server_args, self.kv_shape, self.kv_dtype, self.shape.context_length, self.device, tp_group)
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
         self.allocator = KVSlotAllocator(self.plan.max_total_tokens, self.device)
         self.kv_cache = KVCache(self.plan.max_total_tokens, *self.kv_shape, self.kv_dtype, self.device)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from srt.platform.distributed import tp_size
-
 
 @dataclass
 class ModelShape:
@@ -32,15 +30,16 @@ def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def model_shape(config: PretrainedConfig, context_length: int | None = None) -> ModelShape:
+def model_shape(config: PretrainedConfig, tp_size: int, context_length: int | None = None) -> ModelShape:
+    """The model's shape, checked to split over ``tp_size`` ranks."""
     text = config.get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    if heads % tp_size():
-        raise ValueError(f"num_attention_heads={heads} is not divisible by tp_size={tp_size()}")
-    if kv_heads % tp_size() and tp_size() % kv_heads:
-        raise ValueError(f"num_key_value_heads={kv_heads} neither divides nor is divisible by tp_size={tp_size()}")
+    if heads % tp_size:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tp_size={tp_size}")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"num_key_value_heads={kv_heads} neither divides nor is divisible by tp_size={tp_size}")
     max_positions = getattr(text, "max_position_embeddings", None) or 2048
     return ModelShape(
         num_attention_heads=heads,

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from srt.layers.weight_shards import read_full
 from srt.model_loader.config import model_shape
 from srt.model_loader.tp_plan import apply_tp_plan
+from srt.platform.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def load_model(
     config: PretrainedConfig,
     dtype: torch.dtype,
     device: torch.device,
+    tp_group: TPGroup,
     attn_implementation: str,
     trust_remote_code: bool = False,
 ) -> nn.Module:
@@ -47,7 +49,7 @@ def load_model(
             "(_supports_attention_backend is False), so srt cannot serve it"
         )
     model.config._attn_implementation = attn_implementation
-    apply_tp_plan(model, dtype, device, model_shape(config))
+    apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group)
     _materialize(model, device)
     load_weights(model, model_path)
     return model.eval()
