@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from srt.mem_cache.chunk_cache import ChunkCache
+from srt.mem_cache.base_prefix_cache import MatchResult, PrefixCache
 from srt.mem_cache.memory_pool import KVSlotAllocator, ReqToTokenPool
-from srt.mem_cache.radix_cache import MatchResult, RadixCache
 from srt.scheduler.req import Req
 
 
 class RequestMemory:
-    def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: KVSlotAllocator, cache: RadixCache | ChunkCache) -> None:
+    def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: KVSlotAllocator, cache: PrefixCache) -> None:
         self.req_to_token_pool = req_to_token_pool
         self.allocator = allocator
         self.cache = cache

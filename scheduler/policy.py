@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from srt.mem_cache.base_prefix_cache import PrefixCache, TreeNode
 from srt.scheduler.req import Req
 
 _PREFIX_POLICY_MAX_QUEUE = 128
 
 
-def order_waiting(waiting: list[Req], policy: str, cache) -> list[Req]:
+def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache) -> list[Req]:
     if policy == "fcfs" or len(waiting) > _PREFIX_POLICY_MAX_QUEUE or not cache.shares_prefixes:
         return list(waiting)
     matches = {id(r): cache.match_prefix(r.fill_ids[:-1]) for r in waiting}
@@ -26,7 +27,7 @@ def order_waiting(waiting: list[Req], policy: str, cache) -> list[Req]:
     return _dfs_weight_order(waiting, {id(r): matches[id(r)].last_node for r in waiting}, cache.root)
 
 
-def _dfs_weight_order(waiting: list[Req], node_of: dict[int, object], root) -> list[Req]:
+def _dfs_weight_order(waiting: list[Req], node_of: dict[int, TreeNode], root: TreeNode) -> list[Req]:
     reqs_at = defaultdict(list)
     for req in waiting:
         reqs_at[id(node_of[id(req)])].append(req)

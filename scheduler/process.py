@@ -14,7 +14,7 @@ import zmq
 from srt.model_executor.model_runner import ModelRunner
 from srt.model_loader.tokenizer import load_tokenizer
 from srt.platform.device import resolve_device
-from srt.platform.distributed import broadcast_bytes, init_tp_group, tp_size
+from srt.platform.distributed import TPGroup, init_tp_group
 from srt.runtime.child import ChildSpec
 from srt.runtime.codec import decode, encode
 from srt.runtime.ipc import Receiver, Sender
@@ -39,8 +39,8 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
     args, options = spec.server_args, spec.options
     tp_rank, gpu_id = options["tp_rank"], options["gpu_id"]
     torch.set_num_threads(options["num_threads"])
-    init_tp_group(tp_rank, args.tp_size, resolve_device(args.device, gpu_id), options["dist_init_method"])
-    runner = ModelRunner(args, options["model_path"], gpu_id=gpu_id)
+    tp_group = init_tp_group(tp_rank, args.tp_size, resolve_device(args.device, gpu_id), options["dist_init_method"])
+    runner = ModelRunner(args, options["model_path"], tp_group, gpu_id=gpu_id)
     # Stop strings are matched here, on decoded text.
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(options["tokenizer_path"], args.trust_remote_code)
     scheduler = Scheduler(args, runner, tokenizer)
@@ -58,7 +58,7 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
     report(ChildReady(info))
     logger.info("scheduler rank %d ready", tp_rank)
     while True:
-        for msg in _next_messages(scheduler, inbox):
+        for msg in _next_messages(scheduler, inbox, tp_group):
             reply = _dispatch(scheduler, msg)
             if reply is not None and is_leader:
                 outbox.send(reply)
@@ -68,7 +68,7 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
             outbox.send(outputs)
 
 
-def _next_messages(scheduler: Scheduler, inbox: Receiver | None) -> list:
+def _next_messages(scheduler: Scheduler, inbox: Receiver | None, tp_group: TPGroup) -> list:
     """This step's messages, the same list in the same order on every rank.
 
     Rank 0 reads its socket (blocking while idle) and broadcasts what it got; the other
@@ -76,16 +76,16 @@ def _next_messages(scheduler: Scheduler, inbox: Receiver | None) -> list:
     ranks an idle leader still broadcasts (an empty list) every second, which keeps
     the followers' collectives inside their timeout.
     """
-    if tp_size() == 1:
+    if tp_group.size == 1:
         return inbox.recv_all() if scheduler.has_work() else [inbox.recv()]
     if inbox is None:
-        return decode(broadcast_bytes(None))
+        return decode(tp_group.broadcast_bytes(None))
     if scheduler.has_work():
         messages = inbox.recv_all()
     else:
         first = inbox.recv(timeout_ms=_IDLE_HEARTBEAT_MS)
         messages = [] if first is None else [first, *inbox.recv_all()]
-    broadcast_bytes(encode(messages))
+    tp_group.broadcast_bytes(encode(messages))
     return messages
 
 

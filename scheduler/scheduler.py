@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from srt.mem_cache.base_prefix_cache import PrefixCache
 from srt.mem_cache.chunk_cache import ChunkCache
 from srt.mem_cache.radix_cache import RadixCache
 from srt.model_executor.forward_batch import ForwardBatch
@@ -35,7 +36,7 @@ class Scheduler:
     def __init__(self, server_args: ServerArgs, runner: ModelRunner, tokenizer=None) -> None:
         self.args = server_args
         self.runner = runner
-        self.cache = ChunkCache(runner.allocator) if server_args.disable_radix_cache else RadixCache(runner.allocator)
+        self.cache: PrefixCache = ChunkCache(runner.allocator) if server_args.disable_radix_cache else RadixCache(runner.allocator)
         self.memory = RequestMemory(runner.req_to_token_pool, runner.allocator, self.cache)
         self.context_length = runner.plan.context_length
         # A request must leave room for at least one generated token.

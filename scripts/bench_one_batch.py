@@ -28,6 +28,7 @@ from srt.model_loader.default_model import resolve_model_path
 from srt.runtime.messages import TokenizedGenerateReq
 from srt.sampling.sampling_params import SamplingParams
 from srt.model_executor.model_runner import ModelRunner
+from srt.platform.distributed import TPGroup
 from srt.scheduler import output as output_module
 from srt.scheduler.scheduler import Scheduler
 from srt.server_args import ServerArgs
@@ -174,12 +175,12 @@ def main() -> None:
 
     model_path = resolve_model_path(args.model_path)
     server_args = ServerArgs(model_path=model_path, **server_kwargs(args))
-    runner = ModelRunner(server_args, model_path)
+    runner = ModelRunner(server_args, model_path, TPGroup())
     scheduler = Scheduler(server_args, runner)
     timers = Timers()
     timers.wrap(runner, "forward", "forward")
     for name in ("prepare", "store", "forward"):
-        timers.wrap(runner.backend, name, "attention")
+        timers.wrap(runner.attention.backend, name, "attention")
     timers.wrap(output_module, "sample", "sampling")
     timers.wrap(output_module, "token_logprobs", "sampling")
     print(f"model {model_path} ({runner.dtype}, {runner.device}, {torch.get_num_threads()} threads)")

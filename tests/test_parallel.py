@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
 import srt
+from srt.platform.distributed import init_tp_group
 from test_parity import MAX_NEW, assert_greedy_equal, make_prompts
 from tiny_models import build_tiny_model, load_reference, reference_greedy
 
@@ -132,3 +135,11 @@ def test_killing_one_rank_makes_the_server_exit_with_an_error(tmp_path):
         assert len(spawned) == 3  # scheduler ranks 0 and 1, then the detokenizer, in start order
         os.kill(spawned[1].pid, signal.SIGKILL)
         assert proc.wait(timeout=60) != 0
+
+
+def test_a_single_rank_group_is_the_identity_without_torch_distributed():
+    group = init_tp_group(0, 1, torch.device("cpu"), init_method="unused://")
+    x = torch.arange(6.0).reshape(2, 3)
+    assert (group.rank, group.size) == (0, 1)
+    assert group.all_reduce(x) is x and group.all_gather(x) is x
+    assert not dist.is_initialized()

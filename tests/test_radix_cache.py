@@ -11,9 +11,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from srt.mem_cache.memory_pool import KVSlotAllocator
+from srt.mem_cache.base_prefix_cache import MatchResult, PrefixCache, TreeNode
 from srt.mem_cache.chunk_cache import ChunkCache
-from srt.mem_cache.radix_cache import MatchResult, RadixCache, TreeNode
+from srt.mem_cache.memory_pool import KVSlotAllocator
+from srt.mem_cache.radix_cache import RadixCache
 
 CPU = torch.device("cpu")
 
@@ -283,6 +284,27 @@ def test_chunked_prefill_moves_the_lock_forward():
     cache.cache_finished(tokens, match.kv_slots, match.last_node)
     assert (cache.evictable_size(), cache.protected_size()) == (6, 0)
     assert allocator.available_size() == 64 - 6
+
+
+# ---- The PrefixCache interface ----------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_class, shares", [(RadixCache, True), (ChunkCache, False)])
+def test_both_caches_are_prefix_caches_with_a_root(cache_class, shares):
+    cache = cache_class(CheckedAllocator(64, CPU))
+    assert isinstance(cache, PrefixCache)
+    assert cache.shares_prefixes is shares
+    # An empty cache's root is where every lookup ends: prefix-aware policies walk from it.
+    assert cache.root.parent is None and not cache.root.children
+    assert cache.match_prefix([1, 2, 3]).last_node is cache.root
+
+
+def test_chunk_cache_root_never_grows():
+    allocator = CheckedAllocator(64, CPU)
+    cache = ChunkCache(allocator)
+    slots = allocator.alloc(3)
+    cache.cache_finished([1, 2, 3], slots, cache.match_prefix([1, 2, 3]).last_node)
+    assert not cache.root.children and len(cache.root.key) == 0
 
 
 # ---- ChunkCache ----------------------------------------------------------------

@@ -26,13 +26,15 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.kernels import triton_attention as ops
+from srt.kernels import triton_kv_store
 from srt.layers.attention.torch_backend import TorchAttentionBackend
 from srt.layers.attention.triton_backend import TritonAttentionBackend
 from srt.mem_cache.memory_pool import KVCache
 
-if not isinstance(ops._extend_kernel, InterpretedFunction):
-    # Decorated for a GPU by an earlier import; the backend reads kernels through the module, so it follows.
-    importlib.reload(ops)
+for module in (ops, triton_kv_store):
+    if not isinstance(next(v for k, v in vars(module).items() if k.endswith("_kernel")), InterpretedFunction):
+        # Decorated for a GPU by an earlier import; the backend reads kernels through the module, so it follows.
+        importlib.reload(module)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (query heads, KV heads, head_dim): MHA, GQA 2 and GQA 4; 80 is not a power of two.
@@ -185,9 +187,9 @@ def test_store_kv_writes_new_rows_at_their_slots_and_nothing_else(src_dtype, cac
     k = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(src_dtype)
     v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(src_dtype)
     k_expected, v_expected = k_buffer.clone(), v_buffer.clone()
-    ops.store_kv_ref(k_expected, v_expected, loc, k, v)
+    triton_kv_store.store_kv_ref(k_expected, v_expected, loc, k, v)
 
-    ops.store_kv(k_buffer, v_buffer, loc, k, v)
+    triton_kv_store.store_kv(k_buffer, v_buffer, loc, k, v)
 
     untouched = torch.ones(64, dtype=torch.bool)
     untouched[loc] = False
@@ -225,7 +227,7 @@ def test_backend_matches_torch_backend(prefix_lens, extend_lens):
             buffer[1:] = torch.randn(buffer[1:].shape, generator=gen)  # the cached prefixes
         # This layer's new K/V, stored before attention runs as srt_attention does.
         k, v = (torch.randn(num_tokens, kv_heads, head_dim, generator=gen) for _ in range(2))
-        ops.store_kv(cache.k_buffers[layer], cache.v_buffers[layer], new_slots, k, v)
+        triton_kv_store.store_kv(cache.k_buffers[layer], cache.v_buffers[layer], new_slots, k, v)
     batch = ForwardBatch(
         input_ids=torch.randint(0, 100, (num_tokens,), generator=gen),
         positions=torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, extend_lens)]),
@@ -253,8 +255,8 @@ def test_kernels_run_when_their_module_was_imported_before_the_interpreter_was_o
     """Another test file imported the backend without TRITON_INTERPRET: this file still runs its kernels."""
     code = (
         "import sys, pytest, triton, srt.layers.attention.triton_backend\n"
-        "from srt.kernels import triton_attention\n"
-        "assert isinstance(triton_attention._store_kv_kernel, triton.runtime.JITFunction)  # compiled for a GPU\n"
+        "from srt.kernels import triton_kv_store\n"
+        "assert isinstance(triton_kv_store._store_kv_kernel, triton.runtime.JITFunction)  # compiled for a GPU\n"
         f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, '-k', 'store_kv']))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

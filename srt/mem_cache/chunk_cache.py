@@ -1,21 +1,21 @@
 """The prefix cache used with ``--disable-radix-cache``: nothing is shared.
 
 Every request computes its whole prompt and keeps its own KV slots until it finishes,
-then frees them all. The interface is ``RadixCache``'s, so the scheduler has one code
-path: ``match_prefix`` finds nothing, ``insert`` takes nothing (it returns the full
-length, so a caller freeing its duplicates ``kv_slots[:n]`` frees everything), and the
-tree has no tokens to lock, evict or flush.
+then frees them all. It is a ``PrefixCache`` like ``RadixCache``, so the scheduler has
+one code path: ``match_prefix`` finds nothing, ``insert`` takes nothing (it returns the
+full length, so a caller freeing its duplicates ``kv_slots[:n]`` frees everything), and
+the tree (a root without children) has no tokens to lock, evict or flush.
 """
 
 from __future__ import annotations
 
 import torch
 
+from srt.mem_cache.base_prefix_cache import MatchResult, PrefixCache, TreeNode
 from srt.mem_cache.memory_pool import KVSlotAllocator
-from srt.mem_cache.radix_cache import MatchResult, TreeNode
 
 
-class ChunkCache:
+class ChunkCache(PrefixCache):
     """A cache that caches nothing; every slot stays with the request that allocated it."""
 
     shares_prefixes = False
@@ -23,12 +23,12 @@ class ChunkCache:
     def __init__(self, allocator: KVSlotAllocator) -> None:
         self.allocator = allocator
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
-        # One parentless node stands for "no prefix"; locking it is a no-op.
-        self._no_prefix = TreeNode([], empty)
+        # The root stands for "no prefix" and never gets children; locking it is a no-op.
+        self.root = TreeNode([], empty)
 
     def match_prefix(self, token_ids: list[int]) -> MatchResult:
         """Always the empty match."""
-        return MatchResult(self._no_prefix.value, self._no_prefix)
+        return MatchResult(self.root.value, self.root)
 
     def insert(self, token_ids: list[int], kv_slots: torch.Tensor) -> int:
         """Take nothing: returns ``len(token_ids)``, so all of ``kv_slots`` stays with the caller."""
@@ -42,7 +42,7 @@ class ChunkCache:
 
     def cache_unfinished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> MatchResult:
         """A request computed a prefill chunk: it keeps its slots, returned as the match."""
-        return MatchResult(kv_slots, self._no_prefix)
+        return MatchResult(kv_slots, self.root)
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         pass

@@ -23,45 +23,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
 
 import torch
 
+from srt.mem_cache.base_prefix_cache import MatchResult, PrefixCache, TreeNode
 from srt.mem_cache.memory_pool import KVSlotAllocator
 
-_node_ids = itertools.count()
 
-
-@dataclass(eq=False)
-class TreeNode:
-    """A run of tokens following its parent's, and the KV slots that hold them.
-
-    ``lock_ref`` counts the locks on this node or on any node below it: a node with
-    ``lock_ref > 0`` is in use by some request and is never evicted.
-    """
-
-    key: list[int]
-    value: torch.Tensor
-    parent: TreeNode | None = None
-    children: dict[int, TreeNode] = field(default_factory=dict)  # by first token
-    lock_ref: int = 0
-    last_access: int = 0  # tick of a logical clock; the smallest is evicted first
-    id: int = field(default_factory=lambda: next(_node_ids))  # breaks LRU ties
-
-
-@dataclass
-class MatchResult:
-    """The cached prefix of a token sequence.
-
-    ``kv_slots`` (int64, one per matched token) belong to the cache; ``last_node`` is
-    the node to lock while a request uses them.
-    """
-
-    kv_slots: torch.Tensor
-    last_node: TreeNode
-
-
-class RadixCache:
+class RadixCache(PrefixCache):
     """Prefix cache over a radix tree, evicting unlocked leaves in LRU order."""
 
     shares_prefixes = True

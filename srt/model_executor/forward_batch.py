@@ -1,4 +1,4 @@
-"""ForwardBatch: everything one model forward needs, built once per step by the model runner.
+"""ForwardBatch: everything one model forward needs, built once per step by the scheduler.
 
 The batch is one packed ragged sequence: request ``i`` contributes ``extend_lens[i]``
 new tokens (a whole or chunked prompt, or one decode token) whose K/V go to

@@ -4,55 +4,44 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
 
-from srt.platform import device as devices
-from srt.layers.attention.interface import AttentionBackend, forward_context
-from srt.platform.distributed import tp_size
-from srt.model_executor.forward_batch import ForwardBatch
-from srt.layers.linear import PackableWeight, pack_linear_weights
+from srt.layers.attention.base import create_attention_backend
+from srt.layers.attention.interface import AttentionContext
+from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
-from srt.model_loader.loader import ModelShape, checkpoint_dtype, load_config, load_model, model_shape
+from srt.model_executor.forward_batch import ForwardBatch
+from srt.model_executor.memory_plan import plan_memory
+from srt.model_loader.config import ModelShape, checkpoint_dtype, load_config, model_shape
+from srt.model_loader.loader import load_model
+from srt.platform import device as devices
+from srt.platform.distributed import TPGroup
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 
-def attention_backend_for(name: str, device: torch.device) -> AttentionBackend:
-    """``auto``: Triton kernels on CUDA, torch on CPU."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "triton":
-        from srt.layers.attention.triton_backend import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    from srt.layers.attention.torch_backend import TorchAttentionBackend
-
-    return TorchAttentionBackend()
-
-
-@dataclass
-class MemoryPlan:
-    max_total_tokens: int
-    max_running_requests: int
-    context_length: int
-
-
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, model_path: str, gpu_id: int = 0) -> None:
+    def __init__(self, server_args: ServerArgs, model_path: str, tp_group: TPGroup, gpu_id: int = 0) -> None:
         self.server_args = server_args
         self.device = devices.resolve_device(server_args.device, gpu_id)
         self.config = load_config(model_path, server_args.trust_remote_code, server_args.revision)
         self.dtype = devices.resolve_dtype(server_args.dtype, checkpoint_dtype(self.config), self.device)
         self.kv_dtype = devices.resolve_kv_dtype(server_args.kv_cache_dtype, self.dtype)
-        self.shape: ModelShape = model_shape(self.config, server_args.context_length)
+        self.shape: ModelShape = model_shape(self.config, tp_group.size, server_args.context_length)
         self.generation_config = _generation_config(model_path)
+        backend = server_args.attention_backend
+        if backend == "auto":
+            backend = devices.default_attention_backend(self.device)
+        # This model's own attention function and forward state: no other model sees them.
+        self.attention = AttentionContext(create_attention_backend(backend))
 
         start = time.perf_counter()
-        self.model = load_model(model_path, self.config, self.dtype, self.device, server_args.trust_remote_code)
+        self.model = load_model(
+            model_path, self.config, self.dtype, self.device, tp_group, self.attention.name, server_args.trust_remote_code
+        )
         if devices.prepacks_linear_weights(self.device, self.dtype):
             pack_linear_weights(self.model)
         if server_args.enable_torch_compile:
@@ -65,37 +54,10 @@ class ModelRunner:
             time.perf_counter() - start,
         )
         self.kv_shape = self._probe_kv_shape()
-        self.plan = self._plan_memory()
+        self.plan = plan_memory(server_args, self.kv_shape, self.kv_dtype, self.shape.context_length, self.device, tp_group)
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
         self.allocator = KVSlotAllocator(self.plan.max_total_tokens, self.device)
         self.kv_cache = KVCache(self.plan.max_total_tokens, *self.kv_shape, self.kv_dtype, self.device)
-        self.backend = attention_backend_for(server_args.attention_backend, self.device)
-
-    def _plan_memory(self) -> MemoryPlan:
-        args = self.server_args
-        per_token = KVCache.bytes_per_token(*self.kv_shape, self.kv_dtype)
-        fraction = args.mem_fraction_static or devices.default_mem_fraction(self.device)
-        budget_tokens = devices.kv_budget_bytes(self.device, fraction) // per_token
-        max_total = min(budget_tokens, args.max_total_tokens) if args.max_total_tokens else budget_tokens
-        if tp_size() > 1:
-            max_total = _min_across_ranks(max_total, self.device)
-        context = self.shape.context_length
-        if max_total < 2:
-            raise RuntimeError(
-                f"not enough memory for the KV cache: {max_total} token slots "
-                f"({per_token} bytes per token); lower the context length or raise --mem-fraction-static"
-            )
-        if context > max_total:
-            logger.warning(
-                "the KV cache holds %d tokens, less than the context length %d: requests are capped at %d tokens",
-                max_total,
-                context,
-                max_total,
-            )
-            context = max_total
-        running = args.max_running_requests or max(1, min(4096, max_total // 2))
-        logger.info("KV cache: %d tokens (%.1f MiB), up to %d running requests", max_total, max_total * per_token / 2**20, running)
-        return MemoryPlan(max_total, running, context)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights (packed GEMM weights counted in their packed form)."""
@@ -113,7 +75,7 @@ class ModelRunner:
         probe = _KVShapeProbe()
         one = torch.zeros(1, dtype=torch.int64, device=self.device)
         batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), kv_cache=None)  # type: ignore[arg-type]
-        with forward_context(batch, probe):
+        with self.attention.running(batch, backend=probe):
             self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
         shapes = set(probe.shapes.values())
         if len(shapes) != 1 or sorted(probe.shapes) != list(range(len(probe.shapes))):
@@ -124,7 +86,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits ``[B, vocab]`` at each request's last new token."""
-        with forward_context(batch, self.backend):
+        with self.attention.running(batch):
             out = self.model(
                 input_ids=batch.input_ids[None],
                 position_ids=batch.positions[None],
@@ -175,11 +137,3 @@ def _generation_config(model_path: str) -> GenerationConfig | None:
         return GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json: the model config's ids apply
         return None
-
-
-def _min_across_ranks(value: int, device: torch.device) -> int:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())

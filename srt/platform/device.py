@@ -50,6 +50,16 @@ def prepacks_linear_weights(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
 
 
+def default_attention_backend(device: torch.device) -> str:
+    """What ``--attention-backend auto`` means: Triton kernels on CUDA, torch ops elsewhere."""
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def in_host_memory(device: torch.device) -> bool:
+    """Whether tensors on ``device`` live in host memory, where C code called through ctypes can read them."""
+    return device.type == "cpu"
+
+
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
 

@@ -1,63 +1,68 @@
-"""The ``"srt"`` attention function that transformers models call, and the backend behind it.
+"""The attention function that transformers models call, and the per-model context behind it.
 
-transformers looks attention up by ``config._attn_implementation``; registering ours
-means every model whose attention goes through that interface writes its K/V into
-our paged cache and attends over each request's cached prefix. The current
-``ForwardBatch`` reaches the function through a per-forward context rather than
-model keyword arguments, so models that do not forward ``**kwargs`` still work.
+transformers looks attention up by ``config._attn_implementation``. Each
+``AttentionContext`` registers ``srt_attention`` bound to itself under a name of its
+own, and its model's config names it, so every model whose attention goes through
+that interface writes its K/V into our paged cache and attends over each request's
+cached prefix, and two models in one process (a draft model and its target) never
+see each other's batches. The current ``ForwardBatch`` reaches the function through
+the context rather than model keyword arguments, so models that do not forward
+``**kwargs`` still work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
 
-from srt.model_executor.forward_batch import ForwardBatch
+from srt.layers.attention.base import AttentionBackend
 
-ATTENTION_NAME = "srt"
+if TYPE_CHECKING:
+    from srt.model_executor.forward_batch import ForwardBatch
 
-
-class AttentionBackend(Protocol):
-    """What the model runner needs from a device-specific attention implementation."""
-
-    def prepare(self, batch: ForwardBatch) -> None:
-        """Build per-forward metadata (index tables, masks) once, before the layers run."""
-
-    def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this layer's new ``k``/``v`` (``[tokens, kv_heads, head_dim]``) at ``batch.out_cache_loc``."""
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        layer: int,
-        batch: ForwardBatch,
-        scaling: float,
-        sliding_window: int | None,
-        softcap: float | None,
-    ) -> torch.Tensor:
-        """``q`` is ``[tokens, heads, head_dim]``; this layer's new K/V are already in the cache."""
+_context_ids = itertools.count()
 
 
-@contextlib.contextmanager
-def forward_context(batch: ForwardBatch, backend: AttentionBackend) -> Iterator[None]:
-    global _current
-    backend.prepare(batch)
-    _current = (batch, backend)
-    try:
-        yield
-    finally:
-        _current = None
+class AttentionContext:
+    """One model's attention backend and the batch of its forward in progress.
 
+    ``name`` is what the model's ``config._attn_implementation`` must be set to. For
+    custom names like it transformers builds no attention mask (``attention_mask`` is
+    None): causality and sequence boundaries are the backend's.
+    """
 
-_current: tuple[ForwardBatch, AttentionBackend] | None = None
+    def __init__(self, backend: AttentionBackend) -> None:
+        self.backend = backend
+        self.batch: ForwardBatch | None = None
+        self.name = f"srt{next(_context_ids)}"
+        AttentionInterface.register(self.name, functools.partial(srt_attention, self))
+
+    @contextlib.contextmanager
+    def running(self, batch: ForwardBatch, backend: AttentionBackend | None = None) -> Iterator[None]:
+        """Route the model's attention to ``batch`` (prepared here) while the block runs.
+
+        ``backend`` replaces the context's own for this forward only (the model runner's
+        K/V shape probe). On exit the previous batch and backend are back, so forwards nest.
+        """
+        backend = backend or self.backend
+        backend.prepare(batch)
+        outer = self.batch, self.backend
+        self.batch, self.backend = batch, backend
+        try:
+            yield
+        finally:
+            self.batch, self.backend = outer
 
 
 @torch.compiler.disable  # under --enable-torch-compile the backends run eagerly: they index on the host
 def srt_attention(
+    context: AttentionContext,
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -69,9 +74,9 @@ def srt_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q ``[1, H, T, D]``, k/v ``[1, H_kv, T, D]`` → ``[1, T, H, D]``."""
-    if _current is None:
+    batch, backend = context.batch, context.backend
+    if batch is None:
         raise RuntimeError("the srt attention ran outside a forward context (call the model through ModelRunner)")
-    batch, backend = _current
     layer = module.layer_idx
     backend.store(batch, layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
     if sliding_window is None:
@@ -80,7 +85,3 @@ def srt_attention(
         scaling = module.scaling
     out = backend.forward(query[0].transpose(0, 1), layer, batch, scaling, sliding_window, softcap)
     return out.unsqueeze(0), None
-
-
-def register_attention() -> None:
-    AttentionInterface.register(ATTENTION_NAME, srt_attention)

@@ -14,12 +14,17 @@ Masks for a sliding window are derived on first use and reused by later layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from srt.kernels import cpu_kernels
 from srt.kernels.torch_attention import attend, decode_attend
-from srt.model_executor.forward_batch import ForwardBatch
+from srt.platform.device import in_host_memory
+
+if TYPE_CHECKING:
+    from srt.model_executor.forward_batch import ForwardBatch
+
 
 @dataclass
 class _Extend:
@@ -164,7 +169,7 @@ class TorchAttentionBackend:
     def _use_kernel(self, batch: ForwardBatch, decode_reqs: list[int]) -> bool:
         if not self.use_cpu_kernel or batch.kv_cache.dtype not in cpu_kernels.KV_DTYPES:
             return False
-        if batch.input_ids.device.type != "cpu" or not cpu_kernels.available():
+        if not in_host_memory(batch.input_ids.device) or not cpu_kernels.available():
             return False
         table_rows = batch.req_pool_indices[decode_reqs]
         return not _starts_with_shared_prefix(table_rows, batch.seq_lens[decode_reqs], batch.req_to_token)

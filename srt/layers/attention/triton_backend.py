@@ -10,11 +10,14 @@ with decode requests, which are extends of length 1) goes to the extend kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from srt.model_executor.forward_batch import ForwardBatch
-from srt.kernels import triton_attention
+from srt.kernels import triton_attention, triton_kv_store
+
+if TYPE_CHECKING:
+    from srt.model_executor.forward_batch import ForwardBatch
 
 
 @dataclass
@@ -37,7 +40,7 @@ class TritonAttentionBackend:
 
     def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         cache = batch.kv_cache
-        triton_attention.store_kv(cache.k_buffers[layer], cache.v_buffers[layer], batch.out_cache_loc, k, v)
+        triton_kv_store.store_kv(cache.k_buffers[layer], cache.v_buffers[layer], batch.out_cache_loc, k, v)
 
     def prepare(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
