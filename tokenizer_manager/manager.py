@@ -116,8 +116,7 @@ class TokenizerManager:
     def _check_prompt(self, input_ids: list[int], sampling_params: dict[str, Any]) -> SamplingParams:
         info = self.info
         try:
-            params = SamplingParams.from_dict(sampling_params)
-            params.validate(info.vocab_size)
+            params = SamplingParams.from_dict(sampling_params, info.vocab_size)
         except ValueError as e:
             raise InvalidRequestError(str(e), param="sampling_params") from e
         if params.stop and self.tokenizer is None:

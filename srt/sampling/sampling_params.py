@@ -30,7 +30,8 @@ class SamplingParams:
     n: int = 1
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "SamplingParams":
+    def from_dict(cls, values: dict[str, Any] | None, vocab_size: int | None = None) -> "SamplingParams":
+        """Parse and check the parameters (token ids against ``vocab_size`` when given); ValueError says what is wrong."""
         values = dict(values or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -47,7 +48,7 @@ class SamplingParams:
             elif "logit_bias" in values:
                 values.pop("logit_bias")
             params = cls(**values)
-            params.validate()
+            params.validate(vocab_size)
         except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. temperature: "hot"
             raise ValueError(f"invalid sampling parameters: {e}") from e
         return params
@@ -76,27 +77,3 @@ class SamplingParams:
         if vocab_size is not None:
             bad = [t for t in [*self.stop_token_ids, *self.logit_bias] if not 0 <= t < vocab_size]
             require(not bad, f"token ids out of the vocabulary (size {vocab_size}): {bad[:5]}")
-
-
-def check_generate_request(
-    input_ids: list[int],
-    sampling_params: dict[str, Any] | None,
-    vocab_size: int,
-    max_req_input_len: int,
-    context_length: int,
-) -> SamplingParams:
-    """Parse and check a request against the model it is for; ValueError says what is wrong."""
-    params = SamplingParams.from_dict(sampling_params)
-    params.validate(vocab_size)
-    if not input_ids:
-        raise ValueError("the prompt is empty")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in input_ids):
-        raise ValueError(f"input_ids must be integers in [0, {vocab_size})")
-    if len(input_ids) > max_req_input_len:
-        raise ValueError(f"the prompt has {len(input_ids)} tokens, more than the {max_req_input_len} this server accepts")
-    if len(input_ids) + params.max_new_tokens > context_length:
-        raise ValueError(
-            f"the prompt ({len(input_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
-            f"exceeds the context length ({context_length})"
-        )
-    return params
