@@ -49,6 +49,32 @@ class OutputProcessor:
                 finished.append(req)
         return finished
 
+    def add_input_logprobs(self, reqs: list[Req], logits: torch.Tensor, ends: list[int]) -> None:
+        """Prompt logprobs from this forward's logits: the row of position p (among
+        ``req.logit_positions``, rows ``ends[i-1]:ends[i]``) gives the logprob of prompt token p + 1."""
+        rows, next_ids, top_n, owners = [], [], [], []
+        for i, req in enumerate(reqs):
+            if not req.wants_input_logprobs:
+                continue
+            if req.logprob_start_len == 0 and not req.input_token_logprobs:
+                req.input_token_logprobs.append((None, req.input_ids[0]))  # nothing predicts the first token
+                req.input_top_logprobs.append(None)
+            first_row = ends[i] - len(req.logit_positions)
+            for row, position in enumerate(req.logit_positions, first_row):
+                if req.logprob_start_len - 1 <= position < len(req.input_ids) - 1:
+                    rows.append(row)
+                    next_ids.append(req.input_ids[position + 1])
+                    top_n.append(req.top_logprobs_num)
+                    owners.append(req)
+        if rows:
+            found = token_logprobs(logits[rows], torch.tensor(next_ids, device=logits.device), top_n)
+            for req, token, logprob, top in zip(owners, next_ids, found.chosen, found.top):
+                req.input_token_logprobs.append((logprob, token))
+                req.input_top_logprobs.append(top)
+        for req in reqs:
+            if req.wants_input_logprobs and req.kv_len + req.extend_len >= len(req.input_ids):
+                req.input_logprobs_done = True
+
     def _check_finished(self, req: Req, token: int) -> None:
         if token in req.stop_ids and len(req.output_ids) >= req.params.min_new_tokens:
             req.finish_reason = FinishStop(token)
@@ -71,7 +97,8 @@ class OutputProcessor:
     def emit(self, req: Req) -> None:
         """Queue what the request generated since its last output (all of it at once for a request
         that does not stream, as SGLang does: nobody reads the steps in between)."""
-        if not req.announced:
+        first = not req.announced
+        if first:
             req.announced = True
             p = req.params
             self.outbox.new_requests.append(
@@ -94,6 +121,8 @@ class OutputProcessor:
                 cached_tokens=req.cached_tokens,
                 logprobs=req.unsent_logprobs,
                 top_logprobs=req.unsent_top_logprobs,
+                input_token_logprobs=req.input_token_logprobs if first and req.logprob_start_len >= 0 else None,
+                input_top_logprobs=req.input_top_logprobs if first and req.logprob_start_len >= 0 else None,
             )
         )
         req.sent_len = len(req.output_ids)

@@ -60,7 +60,7 @@ class PrefillAdmission:
         for req in order_waiting(waiting, self.args.schedule_policy, self.cache):
             if len(running) + len(batch) >= self.max_running_requests or not self.memory.has_free_row():
                 break
-            match = self.cache.match_prefix(req.fill_ids[:-1])
+            match = self.cache.match_prefix(req.fill_ids[: req.reusable_prefix_len])
             if self._shares_uncached_prefix(req, len(match.kv_slots), batch):
                 continue  # next step it finds that prefix in the cache instead of computing it again
             pending = len(req.fill_ids) - len(match.kv_slots)

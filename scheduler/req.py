@@ -20,6 +20,7 @@ class Req:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     stream: bool = True  # an output every step; otherwise one output when the request finishes
+    logprob_start_len: int = -1  # >= 0: the prompt's logprobs from this position on are wanted
     arrival: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -38,8 +39,26 @@ class Req:
     unsent_logprobs: list[float] = field(default_factory=list)
     unsent_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
+    # Prompt logprobs, gathered chunk by chunk while the prompt is computed (see ``wants_input_logprobs``).
+    input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    input_logprobs_done: bool = False
+
     # Per-step scratch set by the scheduler when the request joins a batch.
     extend_len: int = 0
+    logit_positions: range = range(0)  # positions whose logits this forward returns
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.logprob_start_len >= 0 and not self.input_logprobs_done
+
+    @property
+    def reusable_prefix_len(self) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last, except that a
+        request wanting prompt logprobs computes every position whose logits it needs (the logits
+        at position p give the logprob of token p + 1)."""
+        limit = len(self.fill_ids) - 1
+        return min(limit, max(self.logprob_start_len - 1, 0)) if self.wants_input_logprobs else limit
 
     @property
     def fill_ids(self) -> list[int]:

@@ -66,7 +66,10 @@ class Scheduler:
         params = msg.sampling_params
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
-        req = Req(msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num, msg.stream)
+        req = Req(
+            msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num, msg.stream,
+            msg.logprob_start_len,
+        )  # fmt: skip
         self.waiting.append(req)
 
     def abort(self, rid: str) -> None:
@@ -124,16 +127,19 @@ class Scheduler:
 
     def _run(self, prefill: list[Req], decode: list[Req]) -> None:
         batch = prefill + decode
-        logits = self.runner.forward(self._forward_batch(batch))
+        logits = self.runner.forward(self._forward_batch(batch))  # a row per entry of each req.logit_positions
+        ends = torch.tensor([len(r.logit_positions) for r in batch]).cumsum(0).tolist()
+        if any(r.wants_input_logprobs for r in prefill):
+            self.output.add_input_logprobs(prefill, logits, ends)
         for req in batch:
             req.kv_len += req.extend_len
         for req in prefill:
             self.memory.cache_prefix(req)
-        # Requests whose whole prompt (or decode token) is now in the cache get a next token;
-        # a request in the middle of a chunked prefill does not.
+        # Requests whose whole prompt (or decode token) is now in the cache get a next token from
+        # their last logits row; a request in the middle of a chunked prefill does not.
         sampled = [(i, r) for i, r in enumerate(batch) if r.pending_len == 0]
         if sampled:
-            for req in self.output.sample([r for _, r in sampled], logits[[i for i, _ in sampled]]):
+            for req in self.output.sample([r for _, r in sampled], logits[[ends[i] - 1 for i, _ in sampled]]):
                 if req in self.running:
                     self.running.remove(req)
                 self.memory.release(req)
@@ -149,11 +155,17 @@ class Scheduler:
     def _forward_batch(self, batch: list[Req]) -> ForwardBatch:
         device = self.runner.device
         table = self.runner.req_to_token_pool.req_to_token
-        input_ids, positions = [], []
+        input_ids, positions, logit_rows = [], [], []
         for req in batch:
             fill = req.fill_ids
-            input_ids.extend(fill[req.kv_len : req.kv_len + req.extend_len])
-            positions.extend(range(req.kv_len, req.kv_len + req.extend_len))
+            start, end = req.kv_len, req.kv_len + req.extend_len
+            req.logit_positions = range(end - 1, end)  # the last new token's logits give the next token
+            if req.wants_input_logprobs:
+                # ...and, for prompt logprobs, every position from the one before logprob_start_len on.
+                req.logit_positions = range(min(max(start, req.logprob_start_len - 1), end - 1), end)
+            logit_rows.extend(len(positions) + p - start for p in req.logit_positions)
+            input_ids.extend(fill[start:end])
+            positions.extend(range(start, end))
         rows = torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=device)
         position_t = torch.tensor(positions, dtype=torch.int64, device=device)
         row_per_token = torch.repeat_interleave(rows, torch.tensor([r.extend_len for r in batch], device=device))
@@ -167,6 +179,7 @@ class Scheduler:
             extend_lens=[r.extend_len for r in batch],
             req_to_token=table,
             kv_cache=self.runner.kv_cache,
+            logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=device),
         )
 
     # ---- logging -------------------------------------------------------------------------

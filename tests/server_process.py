@@ -21,10 +21,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model_path: str, *args: str, startup_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Yields ``(base_url, process)``; the server is stopped (SIGTERM, then SIGKILL) on exit."""
+def running_server(model_path: str | None, *args: str, startup_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Yields ``(base_url, process)``; the server is stopped (SIGTERM, then SIGKILL) on exit.
+    ``model_path`` None serves the default model."""
     port = free_port()
-    cmd = [sys.executable, "-m", "srt.launch", "--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), *args]
+    model = ["--model-path", model_path] if model_path else []
+    cmd = [sys.executable, "-m", "srt.launch", *model, "--host", "127.0.0.1", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:

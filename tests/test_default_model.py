@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from srt.model_loader import default_model
 from srt.model_loader.default_model import (
+    DEFAULT_MODEL_NAME,
     cache_dir,
     default_model_path,
     prepare_gguf,
@@ -228,14 +229,18 @@ def test_multibyte_characters_stream_whole(prepared):
 
 
 def test_chat_on_the_default_model_server_says_paris(prepared):
+    """Served with no --model-path, the default model goes by its own name (its prepared folder's
+    path is accepted too)."""
     import openai
 
     from server_process import running_server
 
-    with running_server(prepared, "--max-total-tokens", "4096") as (url, _):
+    with running_server(None, "--max-total-tokens", "4096") as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL_NAME]
+        client.completions.create(model=prepared, prompt="Hi", max_tokens=1)
         reply = client.chat.completions.create(
-            model=prepared,
+            model=DEFAULT_MODEL_NAME,
             messages=[{"role": "user", "content": "What is the capital of France?"}],
             temperature=0,
             max_tokens=30,

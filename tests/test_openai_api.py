@@ -292,7 +292,7 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/cat
         ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": [100000]}, None),  # outside the vocabulary
         ("/v1/completions", {**COMPLETION, "prompt": ""}, None),
-        ("/v1/completions", {**COMPLETION, "echo": True}, "echo"),
+        ("/v1/completions", {**COMPLETION, "echo": True, "stream": True}, "echo"),
         ("/v1/completions", {**COMPLETION, "suffix": "x"}, "suffix"),
         ("/v1/completions", {**COMPLETION, "regex": "a+"}, "regex"),
         ("/v1/completions", {"model": MODEL}, "prompt"),
@@ -333,7 +333,8 @@ def test_chat_needs_a_chat_template():
     app.state.model_name = MODEL
     app.state.server_args = SimpleNamespace(chat_template=None, model_path=None)
     info = SimpleNamespace(context_length=CONTEXT)
-    app.state.tokenizer_manager = SimpleNamespace(tokenizer=byte_tokenizer(), info=info)
+    runtime = SimpleNamespace(model_path="/models/tiny")
+    app.state.tokenizer_manager = SimpleNamespace(tokenizer=byte_tokenizer(), info=info, runtime=runtime)
     with TestClient(app) as c:
         response = c.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
@@ -378,3 +379,17 @@ def test_a_client_that_leaves_aborts_its_generation(server, http):
     assert seconds_until_idle() < full / 2
     state = http.get("/server_info").json()["internal_state"]
     assert state["waiting_requests"] == 0 and state["free_kv_slots"] + state["cached_tokens"] == state["total_kv_slots"]
+
+
+# ---- tokenization ---------------------------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_round_trip(http):
+    ids = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "héllo"}).json()
+    assert ids["tokens"] == list("héllo".encode()) and ids["count"] == len("héllo".encode())  # one token per byte
+    assert ids["max_model_len"] == CONTEXT
+    batch = http.post("/tokenize", json={"prompt": ["a", "bc"]}).json()
+    assert batch["tokens"] == [[97], [98, 99]] and batch["count"] == [1, 2]
+    assert http.post("/v1/detokenize", json={"tokens": ids["tokens"]}).json() == {"text": "héllo"}
+    assert http.post("/v1/detokenize", json={"tokens": [10**6]}).status_code == 400
+    assert http.post("/v1/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404

@@ -110,7 +110,13 @@ class TokenizerManager:
         for item in items:
             input_ids = next(tokenized) if item.text is not None else item.input_ids
             params = self._check_prompt(input_ids, item.sampling_params)
-            reqs.append(TokenizedGenerateReq(item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream))
+            start = obj.logprob_start_len if obj.return_logprob else -1
+            if start >= len(input_ids):
+                message = f"logprob_start_len ({start}) must be less than the prompt length ({len(input_ids)})"
+                raise InvalidRequestError(message, param="logprob_start_len")
+            reqs.append(
+                TokenizedGenerateReq(item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream, start)
+            )
         return reqs
 
     def _check_prompt(self, input_ids: list[int], sampling_params: dict[str, Any]) -> SamplingParams:

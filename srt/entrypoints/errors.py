@@ -61,6 +61,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+def check_model(request: Request, model: str | None) -> None:
+    """A request that names a model must name the served one (or its path); None means the served one,
+    as SGLang is as lenient."""
+    state = request.app.state
+    names = (state.model_name, state.server_args.model_path, state.tokenizer_manager.runtime.model_path)
+    if model is not None and model not in names:
+        raise APIError(404, f"the model `{model}` does not exist", param="model", code="model_not_found")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     @app.exception_handler(InvalidRequestError)

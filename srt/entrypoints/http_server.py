@@ -22,6 +22,8 @@ from srt.entrypoints.errors import APIError, JSONResponse, install_error_handler
 from srt.entrypoints.native_api import router as native_router
 from srt.entrypoints.native_api import warm_up
 from srt.entrypoints.openai.serving import router as openai_router
+from srt.entrypoints.openai.tokenization import router as tokenization_router
+from srt.model_loader.default_model import DEFAULT_MODEL_NAME
 from srt.runtime.runtime import Runtime
 from srt.server_args import ServerArgs
 from srt.tokenizer_manager.manager import TokenizerManager
@@ -33,7 +35,7 @@ _GRACEFUL_SHUTDOWN_S = 5
 
 
 def build_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
-    model_name = server_args.served_model_name or server_args.model_path or tm.runtime.model_path
+    model_name = server_args.served_model_name or server_args.model_path or DEFAULT_MODEL_NAME
     tm.metrics = Metrics(model_name)  # the HTTP front is where latencies are measured
 
     @asynccontextmanager
@@ -56,6 +58,7 @@ def build_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     _install_auth(app, server_args.api_key)
     app.include_router(native_router)
     app.include_router(openai_router)
+    app.include_router(tokenization_router)
     return app
 
 

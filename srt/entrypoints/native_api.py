@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from srt.entrypoints.errors import APIError
+from srt.entrypoints.errors import APIError, check_model
 from srt.entrypoints.results import GenerateResult, collect
 from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
 from srt.runtime.generate_request import GenerateReqInput
@@ -56,6 +56,7 @@ async def health_generate(request: Request) -> Response:
 
 
 @router.get("/model_info")
+@router.get("/get_model_info")  # SGLang's name, which sglang-router reads
 async def model_info(request: Request) -> dict:
     runtime = _tm(request).runtime
     return {
@@ -68,15 +69,36 @@ async def model_info(request: Request) -> dict:
 
 
 @router.get("/server_info")
+@router.get("/get_server_info")
 async def server_info(request: Request) -> dict:
     tm = _tm(request)
     state = await tm.get_internal_state()
+    args = request.app.state.server_args
     return {
-        **dataclasses.asdict(request.app.state.server_args),
+        # Every argument but the secret: the API key is never shown.
+        **{k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"},
+        "model_path": args.model_path or tm.runtime.model_path,
+        "served_model_name": request.app.state.model_name,
         "max_total_tokens": tm.info.max_total_tokens,
+        "max_total_num_tokens": tm.info.max_total_tokens,  # SGLang's name
         "max_req_input_len": tm.info.max_req_input_len,
         "internal_state": dataclasses.asdict(state),
     }
+
+
+@router.get("/get_load")
+async def get_load(request: Request) -> list[dict]:
+    """Each data-parallel replica's load, in SGLang's shape (load-aware routing policies read it)."""
+    replicas = await _tm(request).get_replica_states()
+    return [
+        {
+            "dp_rank": rank,
+            "num_reqs": state.running_requests + state.waiting_requests,
+            "num_waiting_reqs": state.waiting_requests,
+            "num_tokens": state.total_kv_slots - state.free_kv_slots - state.evictable_tokens,
+        }
+        for rank, state in enumerate(replicas)
+    ]
 
 
 @router.post("/flush_cache")
@@ -101,6 +123,7 @@ async def metrics(request: Request) -> Response:
 
 @router.post("/generate")
 async def generate(body: GenerateReqInput, request: Request):
+    check_model(request, body.model)
     tm = _tm(request)
     reqs = tm.check(body)
     if body.stream:

@@ -23,6 +23,8 @@ class GenerateResult:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_token_logprobs: list[tuple[float | None, int]] | None = None  # prompt logprobs, when asked for
+    input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -36,6 +38,8 @@ class GenerateResult:
         self.output_ids += out.new_token_ids
         self.logprobs += out.logprobs
         self.top_logprobs += out.top_logprobs
+        if out.input_token_logprobs is not None:
+            self.input_token_logprobs, self.input_top_logprobs = out.input_token_logprobs, out.input_top_logprobs
         self.finish_reason = out.finish_reason
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = out.prompt_tokens, out.completion_tokens, out.cached_tokens
         self.end = time.perf_counter()
@@ -60,6 +64,9 @@ class GenerateResult:
         if self.logprobs:
             meta["output_token_logprobs"] = [[lp, t] for lp, t in zip(self.logprobs, self.output_ids)]
             meta["output_top_logprobs"] = self.top_logprobs
+        if self.input_token_logprobs is not None:
+            meta["input_token_logprobs"] = [list(pair) for pair in self.input_token_logprobs]
+            meta["input_top_logprobs"] = self.input_top_logprobs
         result: dict[str, Any] = {"text": self.text} if self.has_text else {}
         return {**result, "output_ids": list(self.output_ids), "meta_info": meta}
 

@@ -26,6 +26,8 @@ class ForwardBatch:
     extend_lens: list[int]  # [B] new tokens this forward
     req_to_token: torch.Tensor  # [max_requests, max_context_len]
     kv_cache: KVCache
+    # Rows of the packed sequence whose logits the forward returns; None: each request's last new token.
+    logits_indices: torch.Tensor | None = None
     attn_metadata: Any = field(default=None)  # prepared by the attention backend, shared by all layers
 
     @property
@@ -37,7 +39,10 @@ class ForwardBatch:
         return all(n == 1 for n in self.extend_lens)
 
     @property
-    def last_token_indices(self) -> torch.Tensor:
-        """Row in the packed sequence of each request's last new token (where its logits come from)."""
+    def logit_rows(self) -> torch.Tensor:
+        """The rows whose logits the forward returns (by default each request's last new token, where
+        its next token comes from)."""
+        if self.logits_indices is not None:
+            return self.logits_indices
         ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
         return ends.to(self.input_ids.device)

@@ -85,13 +85,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Float32 logits ``[B, vocab]`` at each request's last new token."""
+        """Float32 logits ``[rows, vocab]`` at ``batch.logit_rows`` (by default each request's last new token)."""
         with self.attention.running(batch):
             out = self.model(
                 input_ids=batch.input_ids[None],
                 position_ids=batch.positions[None],
                 use_cache=False,
-                logits_to_keep=batch.last_token_indices,
+                logits_to_keep=batch.logit_rows,
             )
         return out.logits[0].float()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -48,6 +48,27 @@ class GenerateReqInput(BaseModel):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     rid: str | list[str] | None = None
+    logprob_start_len: int = -1  # with return_logprob: prompt logprobs from this position on (-1: none)
+    model: str | None = None  # sglang-router adds it; the front checks it names the served model
+
+    # SGLang fields that sglang-router sends with their defaults. Hints about SGLang's own
+    # logging are accepted and ignored, as they change nothing in a result.
+    log_metrics: bool = True
+    no_logs: bool = False
+    # What srt does not do: accepted at their defaults, refused by name otherwise.
+    return_text_in_logprobs: bool = False
+    return_hidden_states: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False
+    background: bool = False
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "return_text_in_logprobs",
+        "return_hidden_states",
+        "return_bytes",
+        "return_entropy",
+        "background",
+    )
 
     @property
     def is_single(self) -> bool:
@@ -57,6 +78,11 @@ class GenerateReqInput(BaseModel):
         return not self.input_ids or isinstance(self.input_ids[0], int)
 
     def normalize(self) -> list[GenerateItem]:
+        unsupported = next((name for name in self.UNSUPPORTED if getattr(self, name)), None)
+        if unsupported is not None:
+            raise InvalidRequestError(f"{unsupported} is not supported", param=unsupported)
+        if self.logprob_start_len < -1:
+            raise InvalidRequestError("logprob_start_len must be >= -1", param="logprob_start_len")
         if (self.text is None) == (self.input_ids is None):
             raise InvalidRequestError("give exactly one of text and input_ids", param="text")
         if self.top_logprobs_num < 0:

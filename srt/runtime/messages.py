@@ -64,6 +64,7 @@ class TokenizedGenerateReq:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     stream: bool = True  # False: the scheduler sends one output, when the request finishes
+    logprob_start_len: int = -1  # >= 0: prompt logprobs from this position on (with return_logprob)
 
 
 @dataclass
@@ -147,6 +148,11 @@ class TokenOutput:
     cached_tokens: int
     logprobs: list[float] = field(default_factory=list)  # one per new token
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per new token
+    # Prompt logprobs (logprob_start_len >= 0), in the request's first output: (logprob, token id)
+    # per prompt position from logprob_start_len on (None for position 0, which nothing predicts),
+    # and each position's top (token id, logprob) pairs.
+    input_token_logprobs: list[tuple[float | None, int]] | None = None
+    input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass

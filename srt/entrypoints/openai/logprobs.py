@@ -16,11 +16,12 @@ def _finite(logprob: float) -> float:
 def completion_logprobs(
     tokenizer,
     token_ids: list[int],
-    logprobs: list[float],
-    top_logprobs: list[list[tuple[int, float]]],
+    logprobs: list[float | None],
+    top_logprobs: list[list[tuple[int, float]] | None],
     text_offset: int,
 ) -> CompletionLogprobs:
-    """The legacy completions shape; ``text_offset`` is where the first token starts in the choice's text."""
+    """The legacy completions shape; ``text_offset`` is where the first token starts in the choice's
+    text. A None logprob (the first prompt token's, with echo) stays null, and so do its top logprobs."""
     tokens = [tokenizer.decode([t]) for t in token_ids]
     offsets = []
     for token in tokens:
@@ -28,13 +29,19 @@ def completion_logprobs(
         text_offset += len(token)
     tops = []
     for token, logprob, top in zip(tokens, logprobs, top_logprobs):
+        if logprob is None:
+            tops.append(None)
+            continue
         entry = {tokenizer.decode([t]): _finite(lp) for t, lp in top}
         # OpenAI lists the sampled token too (so up to n + 1 entries). Set last, it wins when two
         # tokens decode to the same string (say, two halves of characters, both "\ufffd").
         entry[token] = _finite(logprob)
         tops.append(entry)
     return CompletionLogprobs(
-        tokens=tokens, token_logprobs=[_finite(lp) for lp in logprobs], top_logprobs=tops, text_offset=offsets
+        tokens=tokens,
+        token_logprobs=[None if lp is None else _finite(lp) for lp in logprobs],
+        top_logprobs=tops,
+        text_offset=offsets,
     )
 
 

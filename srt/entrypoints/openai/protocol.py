@@ -69,7 +69,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None
 
-    UNSUPPORTED = ("regex", "json_schema", "ebnf", "echo", "suffix")
+    UNSUPPORTED = ("regex", "json_schema", "ebnf", "suffix")
 
 
 class ContentPart(BaseModel):
@@ -139,8 +139,9 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]  # per token: the top-n and the sampled token
+    # With echo the prompt's tokens come first; its first token has no logprob (null), as in OpenAI's API.
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]  # per token: the top-n and the token itself
     text_offset: list[int]
 
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from srt.entrypoints.errors import APIError
+from srt.entrypoints.errors import APIError, check_model
 from srt.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from srt.entrypoints.openai.prompts import chat_input_ids, completion_prompts
 from srt.entrypoints.openai.protocol import (
@@ -83,9 +83,11 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     model, tm = _check_body(request, body)
+    if body.echo and body.stream:
+        raise APIError(400, "echo is not supported with stream: true", param="echo")
     prompts = completion_prompts(tm, body.prompt)
     max_new = [_max_new_tokens(tm, len(ids), body.max_tokens, "prompt", "max_tokens") for ids in prompts]
-    gen = _Generation(tm, "cmpl", body, prompts, max_new, body.logprobs)
+    gen = _Generation(tm, "cmpl", body, prompts, max_new, body.logprobs, body.echo)
 
     def choice(index: int, text: str, logprobs, reason: SrtFinishReason | None) -> CompletionChoice:
         return CompletionChoice(
@@ -114,10 +116,17 @@ async def create_completion(body: CompletionRequest, request: Request):
     results = await until_disconnected(request, collect(tm, gen.reqs))
     choices = []
     for i, r in enumerate(results):
+        prompt = prompts[i // body.n]
         logprobs = None
         if body.logprobs is not None:
-            logprobs = completion_logprobs(tm.tokenizer, r.output_ids, r.logprobs, r.top_logprobs, 0)
-        choices.append(choice(i, r.text, logprobs, r.finish_reason))
+            ids, lps, tops = r.output_ids, r.logprobs, r.top_logprobs
+            if body.echo:  # the prompt's tokens and logprobs first
+                ids = prompt + ids
+                lps = [lp for lp, _ in r.input_token_logprobs] + lps
+                tops = r.input_top_logprobs + tops
+            logprobs = completion_logprobs(tm.tokenizer, ids, lps, tops, 0)
+        text = _prompt_text(tm, body.prompt, i // body.n, prompt) + r.text if body.echo else r.text
+        choices.append(choice(i, text, logprobs, r.finish_reason))
     return response(choices, gen.usage(results))
 
 
@@ -181,9 +190,7 @@ def _check_body(request: Request, body: SamplingRequest) -> tuple[str, Tokenizer
     """Refuse what no endpoint can serve; return the model name to answer with, and the manager."""
     state = request.app.state
     tm: TokenizerManager = state.tokenizer_manager
-    # A missing model means the served one (SGLang is as lenient); a different one does not exist here.
-    if body.model is not None and body.model not in (state.model_name, state.server_args.model_path):
-        raise APIError(404, f"the model `{body.model}` does not exist", param="model", code="model_not_found")
+    check_model(request, body.model)
     if (name := body.unsupported()) is not None:
         raise APIError(400, f"{name} is not supported yet", param=name)
     if body.stream_options is not None and not body.stream:
@@ -191,6 +198,15 @@ def _check_body(request: Request, body: SamplingRequest) -> tuple[str, Tokenizer
     if tm.tokenizer is None:
         raise APIError(400, "this server runs with --skip-tokenizer-init, which the OpenAI API needs: use /generate with input_ids")
     return state.model_name, tm
+
+
+def _prompt_text(tm: TokenizerManager, given: str | list, index: int, input_ids: list[int]) -> str:
+    """What ``echo`` repeats: the prompt as the client wrote it, or its token ids decoded."""
+    if isinstance(given, str):
+        return given
+    if isinstance(given[index], str):
+        return given[index]
+    return tm.tokenizer.decode(input_ids)
 
 
 def _include_usage(body: SamplingRequest) -> bool:
@@ -246,6 +262,7 @@ class _Generation:
         prompts: list[list[int]],
         max_new: list[int],
         top_logprobs: int | None,  # None: no logprobs
+        echo: bool = False,  # with logprobs: the prompt's logprobs too
     ) -> None:
         self.tm = tm
         self.id = f"{kind}-{uuid.uuid4().hex}"
@@ -270,6 +287,7 @@ class _Generation:
             stream=body.stream,
             return_logprob=top_logprobs is not None,
             top_logprobs_num=top_logprobs or 0,
+            logprob_start_len=0 if echo and top_logprobs is not None else -1,
         )
         try:
             self.reqs: list[TokenizedGenerateReq] = tm.check(obj)
