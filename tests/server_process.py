@@ -21,13 +21,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model_path: str | None, *args: str, startup_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(
+    model_path: str | None, *args: str, startup_timeout_s: float = 180, log_path: os.PathLike | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yields ``(base_url, process)``; the server is stopped (SIGTERM, then SIGKILL) on exit.
-    ``model_path`` None serves the default model."""
+    ``model_path`` None serves the default model; ``log_path`` takes the server's log."""
     port = free_port()
     model = ["--model-path", model_path] if model_path else []
     cmd = [sys.executable, "-m", "srt.launch", *model, "--host", "127.0.0.1", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    log = open(log_path, "w") if log_path is not None else None
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=log)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -43,6 +46,8 @@ def running_server(model_path: str | None, *args: str, startup_timeout_s: float 
         yield base_url, proc
     finally:
         stop(proc)
+        if log is not None:
+            log.close()
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 20) -> None:

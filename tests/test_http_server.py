@@ -4,6 +4,7 @@ against a real server on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -63,8 +64,6 @@ def test_generate_single_batch_and_stream(client):
                 assert line.startswith("data: ")
                 events.append(line[len("data: ") :])
     assert events[-1] == "[DONE]"
-    import json
-
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) == 8
     assert chunks[-1]["output_ids"] == single["output_ids"] and chunks[-1]["text"] == single["text"]
@@ -86,15 +85,34 @@ def test_generate_single_batch_and_stream(client):
         {"text": "a", "input_ids": [1]},
         {"input_ids": "not a list"},
         {"input_ids": [1], "unknown_field": 3},
+        # Values that used to crash a process or answer 500: each field is type- and range-checked.
+        {"input_ids": [1, 2], "sampling_params": {"skip_special_tokens": None}},
+        {"input_ids": [1, 2], "sampling_params": {"top_k": 2**70}},
+        {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [1.5]}},
+        {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [True]}},
+        {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": ["a"]}},
+        {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [None]}},
+        {"input_ids": [1, 2], "sampling_params": {"logit_bias": {"3": [1]}}},
+        {"input_ids": [1, 2], "sampling_params": {"stop": ["\udc00"]}},
+        {"input_ids": [1, 2], "top_logprobs_num": 2**70},
+        {"text": "\ud800"},
+        {"input_ids": [1], "rid": "\ud800"},
+        {"input_ids": [[1], [2]], "rid": ["same", "same"]},
+        {"input_ids": [1, 2], "return_hidden_states": True},
+        {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2},
     ],
 )
 def test_bad_input_is_400_and_harmless(client, body):
-    assert_openai_error(client.post("/generate", json=body), 400)
+    # json.dumps escapes lone surrogates as \\u escapes, as a client in any language may send them.
+    raw = json.dumps(body).encode()
+    assert_openai_error(client.post("/generate", content=raw, headers={"content-type": "application/json"}), 400)
     assert client.post("/generate", json={"input_ids": [5], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_malformed_json_and_unknown_route(client):
     assert_openai_error(client.post("/generate", content=b'{"input_ids": [1,', headers={"content-type": "application/json"}), 400)
+    huge = b'{"input_ids": [1], "sampling_params": {"temperature": 1e400}}'  # JSON reads it as infinity
+    assert_openai_error(client.post("/generate", content=huge, headers={"content-type": "application/json"}), 400)
     assert_openai_error(client.get("/no_such_route"), 404)
 
 
@@ -150,7 +168,11 @@ def test_sixteen_concurrent_streams(server):
 
 
 def test_disconnect_mid_stream_frees_the_request(client, server):
-    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}, "stream": True}
+    """With --api-key too: a client that leaves, streaming or not, aborts its request long before it would end."""
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}, "stream": True}
+    start = time.monotonic()
+    assert client.post("/generate", json={**body, "stream": False}).status_code == 200
+    full = time.monotonic() - start  # measured now: the machine's load stretches both
     with httpx.Client(base_url=server[0], headers=AUTH, timeout=60) as other:
         with other.stream("POST", "/generate", json=body) as r:
             lines = r.iter_lines()
@@ -159,24 +181,38 @@ def test_disconnect_mid_stream_frees_the_request(client, server):
     # non-streaming request abandoned by its client
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server[0]}/generate", json={**body, "stream": False}, headers=AUTH, timeout=0.5)
-    deadline = time.monotonic() + 10
-    while (state := idle_state(client))["running_requests"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = time.monotonic()
+    while (state := idle_state(client))["running_requests"] and time.monotonic() - left < full:
+        time.sleep(0.05)
+    assert time.monotonic() - left < full / 2, (time.monotonic() - left, full)
     assert state["running_requests"] == 0 and state["waiting_requests"] == 0
     assert state["free_kv_slots"] + state["cached_tokens"] == state["total_kv_slots"]
     assert client.get("/health").status_code == 200
 
 
-def test_sigterm_leaves_no_process_behind(model_dir):
-    with running_server(model_dir, "--max-total-tokens", "512") as (base_url, proc):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-server", "to-its-process-group"])
+def test_sigterm_leaves_no_process_behind(model_dir, tmp_path, to_group):
+    """As systemd and ``docker stop`` do, SIGTERM may reach the whole process group: still a clean
+    exit (0) with every child stopped, and nothing reported dead or leaked."""
+    log_path = tmp_path / "server.log"
+    with running_server(model_dir, "--max-total-tokens", "512", log_path=log_path) as (base_url, proc):
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) == 2  # scheduler + detokenizer
-        start = time.monotonic()
-        stop(proc)
-        assert proc.returncode == 0
+        body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}, "stream": True}
+        with httpx.Client(base_url=base_url, timeout=30) as other, other.stream("POST", "/generate", json=body) as r:
+            next(r.iter_lines())  # a request in flight, which the stop must abort
+            start = time.monotonic()
+            if to_group:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+            else:
+                stop(proc)
+        assert proc.returncode == 0, log_path.read_text()[-3000:]
         assert time.monotonic() - start < 15
     gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, alive
+    log = log_path.read_text()
+    assert "died" not in log and "leaked" not in log, log[-3000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base_url}/health", timeout=2)
 
@@ -186,3 +222,23 @@ def test_dead_child_makes_the_server_exit_nonzero(model_dir):
         scheduler = next(c for c in psutil.Process(proc.pid).children() if "srt.scheduler" in c.cmdline())
         os.kill(scheduler.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) != 0
+
+
+def test_an_unexpected_exception_is_an_openai_shaped_500_not_plain_text():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from srt.entrypoints.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/broken")
+    async def broken() -> None:
+        raise KeyError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        response = c.get("/broken")
+    assert response.headers["content-type"] == "application/json"
+    assert_openai_error(response, 500)
+    assert response.json()["error"]["type"] == "server_error"

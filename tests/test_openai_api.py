@@ -296,10 +296,15 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/cat
         ("/v1/completions", {**COMPLETION, "suffix": "x"}, "suffix"),
         ("/v1/completions", {**COMPLETION, "regex": "a+"}, "regex"),
         ("/v1/completions", {"model": MODEL}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": "\ud800"}, "prompt"),
+        ("/v1/completions", {**COMPLETION, "prompt": ["ok", "\ud800"]}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["\ud800"]}, None),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(http, path, body, param):
-    response = http.post(path, json=body)
+    # json.dumps escapes lone surrogates as \\u escapes, as a client in any language may send them.
+    response = http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]

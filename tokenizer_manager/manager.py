@@ -37,7 +37,7 @@ from srt.runtime.messages import (
     TokenizedGenerateReq,
 )
 from srt.runtime.runtime import Runtime
-from srt.sampling.sampling_params import SamplingParams
+from srt.sampling.sampling_params import SamplingParams, is_valid_unicode
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ class TokenizerManager:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         if self.tokenizer is None:
             raise InvalidRequestError("this server runs with --skip-tokenizer-init: send input_ids, not text", param="text")
+        if not all(is_valid_unicode(text) for text in texts):
+            raise InvalidRequestError("the prompt is not valid Unicode (it holds a lone surrogate)", param="text")
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
 
     def check(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:

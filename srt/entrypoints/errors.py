@@ -3,6 +3,7 @@ and the app's handlers that turn every failure into one."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -13,6 +14,8 @@ from starlette.responses import Response
 
 from srt.runtime.generate_request import InvalidRequestError
 from srt.tokenizer_manager.manager import RuntimeDiedError
+
+logger = logging.getLogger(__name__)
 
 
 class JSONResponse(Response):
@@ -88,6 +91,12 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{'.'.join(location)}: {message}"
         # ``param`` names the top-level field, as OpenAI does; the message keeps the full path.
         return APIError(400, message, param=location[0] if location else None).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: logged with its traceback, answered in the API's shape.
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return APIError(500, f"internal server error ({type(exc).__name__})", type="server_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

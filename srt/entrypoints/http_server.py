@@ -9,14 +9,16 @@ every child within seconds; a dead child makes the server exit non-zero.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from srt.entrypoints.errors import APIError, JSONResponse, install_error_handlers
 from srt.entrypoints.native_api import router as native_router
@@ -55,7 +57,8 @@ def build_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     app.state.model_name = model_name
     app.state.ready = False
     install_error_handlers(app)
-    _install_auth(app, server_args.api_key)
+    if server_args.api_key:
+        app.add_middleware(_APIKeyCheck, api_key=server_args.api_key)
     app.include_router(native_router)
     app.include_router(openai_router)
     app.include_router(tokenization_router)
@@ -85,15 +88,23 @@ def build_follower_app(runtime: Runtime, on_failure: Callable[[str], None]) -> F
     return app
 
 
-def _install_auth(app: FastAPI, api_key: str | None) -> None:
-    if not api_key:
-        return
+class _APIKeyCheck:
+    """Every route but ``/health`` needs ``Authorization: Bearer <key>``. Plain ASGI rather than
+    ``@app.middleware``: that wraps the request's ``receive``, and handlers would no longer see
+    a client disconnect (whose requests must be aborted)."""
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
-            return APIError(401, "missing or invalid API key", code="invalid_api_key").response()
-        return await call_next(request)
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # in constant time: the key is a secret
+                response = APIError(401, "missing or invalid API key", code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Server(uvicorn.Server):

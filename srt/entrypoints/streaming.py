@@ -15,6 +15,8 @@ from srt.entrypoints.errors import APIError
 T = TypeVar("T")
 
 SSE_DONE = b"data: [DONE]\n\n"
+# How often a waiting non-streaming handler looks for its client: an abandoned request runs this long at most.
+_DISCONNECT_POLL_S = 0.1
 
 
 def sse(payload: Any) -> bytes:
@@ -25,7 +27,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``; if the client goes away first, cancel it (which aborts its requests)."""
     task = asyncio.ensure_future(work)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
+        done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
         if done:
             return task.result()
         if await request.is_disconnected():

@@ -64,7 +64,11 @@ def start_child(module: str, spec: ChildSpec, env: dict[str, str] | None = None)
     spec = dataclasses.replace(spec, ready_fd=write_fd)
     payload = json.dumps(dataclasses.asdict(spec)).encode()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
+        # A process group of its own: a stop signal sent to the server's group (systemd, docker
+        # stop, Ctrl-C) reaches the parent alone, which then stops its children in order.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module], stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env, process_group=0
+        )
     finally:
         os.close(write_fd)
     proc.stdin.write(payload)

@@ -13,7 +13,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from srt.sampling.sampling_params import is_valid_unicode
+
+_INT32_MAX = 2**31 - 1
 
 
 class InvalidRequestError(ValueError):
@@ -46,9 +50,9 @@ class GenerateReqInput(BaseModel):
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
     return_logprob: bool = False
-    top_logprobs_num: int = 0
+    top_logprobs_num: int = Field(0, ge=0, le=_INT32_MAX)
     rid: str | list[str] | None = None
-    logprob_start_len: int = -1  # with return_logprob: prompt logprobs from this position on (-1: none)
+    logprob_start_len: int = Field(-1, ge=-1, le=_INT32_MAX)  # with return_logprob: prompt logprobs from this position on (-1: none)
     model: str | None = None  # sglang-router adds it; the front checks it names the served model
 
     # SGLang fields that sglang-router sends with their defaults. Hints about SGLang's own
@@ -81,12 +85,8 @@ class GenerateReqInput(BaseModel):
         unsupported = next((name for name in self.UNSUPPORTED if getattr(self, name)), None)
         if unsupported is not None:
             raise InvalidRequestError(f"{unsupported} is not supported", param=unsupported)
-        if self.logprob_start_len < -1:
-            raise InvalidRequestError("logprob_start_len must be >= -1", param="logprob_start_len")
         if (self.text is None) == (self.input_ids is None):
             raise InvalidRequestError("give exactly one of text and input_ids", param="text")
-        if self.top_logprobs_num < 0:
-            raise InvalidRequestError("top_logprobs_num must be >= 0", param="top_logprobs_num")
         single = self.is_single
         if self.text is not None:
             texts: list[str | None] = [self.text] if single else list(self.text)
@@ -106,4 +106,6 @@ class GenerateReqInput(BaseModel):
             rids = [f"{self.rid}-{i}" if self.rid else uuid.uuid4().hex for i in range(n)]
         if len(params) != n or len(rids) != n:
             raise InvalidRequestError(f"sampling_params and rid must have one entry per prompt ({n})", param="sampling_params")
+        if len(set(rids)) != n or not all(is_valid_unicode(rid) for rid in rids):
+            raise InvalidRequestError("request ids must be distinct, valid Unicode strings", param="rid")
         return [GenerateItem(rid, text, prompt_ids, dict(p or {})) for rid, text, prompt_ids, p in zip(rids, texts, ids, params)]

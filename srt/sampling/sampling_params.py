@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, get_args, get_origin
 
 _MAX_SEED = 2**31 - 1
+_INT64_MAX = 2**63 - 1  # integers reach int64 tensors
 
 
 @dataclass
@@ -62,6 +66,11 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
+        hints = _field_types()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            require(_conforms(value, hints[f.name]), f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+
         require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         require(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
         require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
@@ -77,3 +86,51 @@ class SamplingParams:
         if vocab_size is not None:
             bad = [t for t in [*self.stop_token_ids, *self.logit_bias] if not 0 <= t < vocab_size]
             require(not bad, f"token ids out of the vocabulary (size {vocab_size}): {bad[:5]}")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(SamplingParams)  # the annotations are strings (postponed evaluation)
+
+
+def _conforms(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of ``kind``: bools only as bools, integers within int64, finite floats,
+    strings that are valid Unicode (a lone surrogate cannot be encoded, tokenized or sent)."""
+    origin, args = get_origin(kind), get_args(kind)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -_INT64_MAX <= value <= _INT64_MAX
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str) and is_valid_unicode(value)
+    if kind is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    raise TypeError(f"no check for {kind}")
+
+
+def _describe(kind: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping of token ids to finite numbers"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    return names[kind]
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for text with lone surrogates (which JSON's \\u escapes can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

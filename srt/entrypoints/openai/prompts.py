@@ -11,17 +11,19 @@ import jinja2
 
 from srt.entrypoints.errors import APIError
 from srt.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from srt.sampling.sampling_params import is_valid_unicode
 from srt.tokenizer_manager.manager import TokenizerManager
 
 
 def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Token ids of each prompt, given as a text, texts, token ids, or lists of token ids."""
-    if isinstance(prompt, str):
-        return tm.tokenize([prompt])
-    if not prompt:
+    if isinstance(prompt, list) and not prompt:
         raise APIError(400, "prompt is an empty list", param="prompt")
-    if isinstance(prompt[0], str):
-        return tm.tokenize(prompt)
+    texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+    if texts is not None:
+        if not all(is_valid_unicode(text) for text in texts):
+            raise APIError(400, "the prompt is not valid Unicode (it holds a lone surrogate)", param="prompt")
+        return tm.tokenize(texts)
     if isinstance(prompt[0], int):
         return [prompt]
     return prompt
@@ -48,6 +50,8 @@ def chat_input_ids(tokenizer, chat_template_arg: str | None, body: ChatCompletio
         )
     except (jinja2.TemplateError, TypeError, ValueError) as e:  # e.g. a template that insists roles alternate
         raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+    if not is_valid_unicode(text):
+        raise APIError(400, "the messages are not valid Unicode (they hold a lone surrogate)", param="messages")
     # The template already wrote the special tokens it wants (a BOS among them): add none.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
