@@ -67,6 +67,13 @@ class ServerArgs:
     port: int = 30000
     api_key: str | None = None
 
+    # Request limits: no single client can exhaust the server
+    max_request_body_bytes: int = field(default=32 * 2**20, metadata={"help": "larger HTTP bodies get a 413"})
+    max_prompts_per_request: int = field(default=256, metadata={"help": "generations one request may start (prompts x n)"})
+    max_logprobs: int = field(default=20, metadata={"help": "top logprobs per token a request may ask for (vLLM's name)"})
+    max_logit_bias_entries: int = field(default=1024, metadata={"help": "tokens one request's logit_bias may name"})
+    max_queued_requests: int = field(default=4096, metadata={"help": "generations in flight; beyond it 503 with Retry-After"})
+
     # Logging
     log_level: str = "info"
     decode_log_interval: int = 40
@@ -97,6 +104,8 @@ class ServerArgs:
         require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
         require(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)")
         require(self.dp_size >= 1, f"dp_size must be >= 1, got {self.dp_size}")
+        for name in ("max_request_body_bytes", "max_prompts_per_request", "max_logprobs", "max_logit_bias_entries", "max_queued_requests"):
+            require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(self.tp_size % self.nnodes == 0, f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes}")
         require(self.nnodes == 1 or self.dist_init_addr, "--dist-init-addr host:port is required with --nnodes > 1")
         require(self.nnodes == 1 or self.dp_size == 1, "--dp with --nnodes > 1 is not supported")

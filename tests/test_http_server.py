@@ -242,3 +242,40 @@ def test_an_unexpected_exception_is_an_openai_shaped_500_not_plain_text():
     assert response.headers["content-type"] == "application/json"
     assert_openai_error(response, 500)
     assert response.json()["error"]["type"] == "server_error"
+
+
+def test_limits_keep_one_client_from_exhausting_the_server(tmp_path):
+    model_dir = build_tiny_model("llama", str(tmp_path), max_position_embeddings=4096)  # room for long generations
+    args = (
+        "--max-total-tokens", "8192", "--max-request-body-bytes", "4000", "--max-prompts-per-request", "4",
+        "--max-logprobs", "3", "--max-logit-bias-entries", "2", "--max-queued-requests", "2",
+    )  # fmt: skip
+    with running_server(model_dir, *args) as (base_url, _), httpx.Client(base_url=base_url, timeout=60) as c:
+        assert_openai_error(c.post("/generate", json={"input_ids": [1] * 2000}), 413)
+        chunked = c.post("/generate", content=iter([b'{"input_ids": [', b"1, " * 2000, b"1]}"]))
+        assert_openai_error(chunked, 413)
+        assert_openai_error(c.post("/generate", json={"input_ids": [[1]] * 5}), 400)
+        assert_openai_error(c.post("/v1/completions", json={"prompt": "hi", "n": 5, "max_tokens": 1}), 400)
+        assert_openai_error(c.post("/generate", json={"input_ids": [1], "return_logprob": True, "top_logprobs_num": 4}), 400)
+        bias = {"input_ids": [1], "sampling_params": {"logit_bias": {"1": 1, "2": 1, "3": 1}}}
+        assert_openai_error(c.post("/generate", json=bias), 400)
+        long = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}, "stream": True}
+        with httpx.Client(base_url=base_url, timeout=60) as a, httpx.Client(base_url=base_url, timeout=60) as b:
+            with a.stream("POST", "/generate", json=long) as ra, b.stream("POST", "/generate", json=long) as rb:
+                lines = [ra.iter_lines(), rb.iter_lines()]  # kept: closing one closes its stream
+                assert all(next(line).startswith("data: ") for line in lines)  # two generations in flight: the limit
+                busy = c.post("/generate", json={"input_ids": [1], "sampling_params": {"max_new_tokens": 1}})
+                assert_openai_error(busy, 503)
+                assert busy.headers["retry-after"] == "1"
+        assert c.get("/health").status_code == 200
+        deadline = time.monotonic() + 10  # the streams' clients left: their generations are aborted
+        while (ok := c.post("/generate", json={"input_ids": [1], "sampling_params": {"max_new_tokens": 1}})).status_code == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert ok.status_code == 200
+
+
+def test_a_text_too_long_for_the_model_is_refused_before_tokenizing(client):
+    response = client.post("/generate", json={"text": "x" * 40_000, "sampling_params": {"max_new_tokens": 1}})
+    assert_openai_error(response, 400)
+    assert "longer than this server accepts" in response.json()["error"]["message"]

@@ -22,7 +22,7 @@ import zmq.asyncio
 from srt.tokenizer_manager.metrics import Metrics
 from srt.model_loader.default_model import resolve_model_path
 from srt.model_loader.tokenizer import load_tokenizer
-from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError
+from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError, ServerOverloadedError
 from srt.runtime.ipc import AsyncReceiver, AsyncSender
 from srt.runtime.messages import (
     AbortReq,
@@ -41,6 +41,8 @@ from srt.sampling.sampling_params import SamplingParams, is_valid_unicode
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+_MAX_CHARS_PER_TOKEN = 64
 
 
 class RuntimeDiedError(RuntimeError):
@@ -101,11 +103,26 @@ class TokenizerManager:
             raise InvalidRequestError("this server runs with --skip-tokenizer-init: send input_ids, not text", param="text")
         if not all(is_valid_unicode(text) for text in texts):
             raise InvalidRequestError("the prompt is not valid Unicode (it holds a lone surrogate)", param="text")
+        # No token is longer than this, so a longer text is too long for the model: refused
+        # before tokenizing it costs anything.
+        max_chars = self.info.max_req_input_len * _MAX_CHARS_PER_TOKEN
+        if any(len(text) > max_chars for text in texts):
+            raise InvalidRequestError(f"the prompt is longer than this server accepts ({max_chars} characters)", "text")
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
 
     def check(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
-        """Tokenize and validate every prompt of ``obj``; InvalidRequestError says what is wrong."""
+        """Tokenize and validate every prompt of ``obj``; InvalidRequestError says what is wrong, and
+        ServerOverloadedError that too many generations are in flight already."""
         items = obj.normalize()
+        limits = self.runtime.server_args
+        if len(items) > limits.max_prompts_per_request:
+            message = f"{len(items)} generations in one request, more than the {limits.max_prompts_per_request} allowed"
+            raise InvalidRequestError(message, param="text")
+        if obj.top_logprobs_num > limits.max_logprobs:
+            message = f"top_logprobs_num is {obj.top_logprobs_num}, more than the {limits.max_logprobs} allowed"
+            raise InvalidRequestError(message, param="top_logprobs_num")
+        if len(self.states) + len(items) > limits.max_queued_requests:
+            raise ServerOverloadedError(f"{len(self.states)} generations are in flight (--max-queued-requests {limits.max_queued_requests})")
         texts = [item.text for item in items if item.text is not None]
         tokenized = iter(self.tokenize(texts)) if texts else iter(())
         reqs = []
@@ -127,6 +144,9 @@ class TokenizerManager:
             params = SamplingParams.from_dict(sampling_params, info.vocab_size)
         except ValueError as e:
             raise InvalidRequestError(str(e), param="sampling_params") from e
+        if len(params.logit_bias) > self.runtime.server_args.max_logit_bias_entries:
+            limit = self.runtime.server_args.max_logit_bias_entries
+            raise InvalidRequestError(f"logit_bias names {len(params.logit_bias)} tokens, more than the {limit} allowed", "logit_bias")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer (this server runs with --skip-tokenizer-init)", "stop")
         if not input_ids:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from srt.runtime.generate_request import InvalidRequestError
+from srt.runtime.generate_request import InvalidRequestError, ServerOverloadedError
 from srt.tokenizer_manager.manager import RuntimeDiedError
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,16 @@ class APIError(Exception):
     """Raise from a handler to answer with an OpenAI-shaped error."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     @classmethod
@@ -55,13 +61,15 @@ class APIError(Exception):
             return cls(400, str(error), param=error.param, code=error.code)
         if isinstance(error, RuntimeDiedError):
             return cls(503, str(error), type="server_error")
+        if isinstance(error, ServerOverloadedError):
+            return cls(503, str(error), code="server_overloaded", headers={"Retry-After": "1"})
         raise TypeError(f"no API error for {type(error).__name__}") from error
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def check_model(request: Request, model: str | None) -> None:
@@ -77,6 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     @app.exception_handler(InvalidRequestError)
     @app.exception_handler(RuntimeDiedError)
+    @app.exception_handler(ServerOverloadedError)
     async def api_error(_: Request, exc: Exception) -> JSONResponse:
         return APIError.of(exc).response()
 

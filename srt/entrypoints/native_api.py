@@ -23,6 +23,10 @@ from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
 
 router = APIRouter()
 
+# Texts up to this long are tokenized in the event loop (well under a millisecond); longer
+# ones in a thread, so that other requests (and /health) are not held up meanwhile.
+_TOKENIZE_INLINE_CHARS = 20_000
+
 
 class AbortReqInput(BaseModel):
     rid: str
@@ -125,7 +129,11 @@ async def metrics(request: Request) -> Response:
 async def generate(body: GenerateReqInput, request: Request):
     check_model(request, body.model)
     tm = _tm(request)
-    reqs = tm.check(body)
+    texts = [body.text] if isinstance(body.text, str) else body.text or []
+    if sum(map(len, texts)) > _TOKENIZE_INLINE_CHARS:
+        reqs = await asyncio.to_thread(tm.check, body)  # a long text: tokenized off the event loop
+    else:
+        reqs = tm.check(body)
     if body.stream:
         return StreamingResponse(_sse_generate(tm, reqs, body.is_single), media_type="text/event-stream")
     results = [r.to_dict() for r in await until_disconnected(request, collect(tm, reqs))]

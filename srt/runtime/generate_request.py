@@ -29,6 +29,10 @@ class InvalidRequestError(ValueError):
         self.code = code
 
 
+class ServerOverloadedError(RuntimeError):
+    """Too many generations in flight (``--max-queued-requests``): try again shortly (HTTP 503)."""
+
+
 @dataclass
 class GenerateItem:
     """One prompt of a request, before tokenization."""
