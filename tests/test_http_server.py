@@ -279,3 +279,12 @@ def test_a_text_too_long_for_the_model_is_refused_before_tokenizing(client):
     response = client.post("/generate", json={"text": "x" * 40_000, "sampling_params": {"max_new_tokens": 1}})
     assert_openai_error(response, 400)
     assert "longer than this server accepts" in response.json()["error"]["message"]
+
+
+def test_a_request_id_in_use_is_a_400_even_for_a_stream(client, server):
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 500, "ignore_eos": True}, "stream": True, "rid": "dup"}
+    with httpx.Client(base_url=server[0], headers=AUTH, timeout=60) as other, other.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()  # kept: closing it closes the stream
+        assert next(lines).startswith("data: ")
+        assert_openai_error(client.post("/generate", json=body), 400)
+        assert_openai_error(client.post("/generate", json={**body, "stream": False}), 400)

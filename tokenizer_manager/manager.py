@@ -123,6 +123,7 @@ class TokenizerManager:
             raise InvalidRequestError(message, param="top_logprobs_num")
         if len(self.states) + len(items) > limits.max_queued_requests:
             raise ServerOverloadedError(f"{len(self.states)} generations are in flight (--max-queued-requests {limits.max_queued_requests})")
+        self._check_rids_free([item.rid for item in items])
         texts = [item.text for item in items if item.text is not None]
         tokenized = iter(self.tokenize(texts)) if texts else iter(())
         reqs = []
@@ -169,9 +170,7 @@ class TokenizerManager:
         request's last output carrying its ``finish_reason``. A request that does not stream
         gets one output, when it finishes. Closing the iterator early aborts what still runs."""
         self._raise_if_failed()
-        for req in reqs:
-            if req.rid in self.states:
-                raise InvalidRequestError(f"request id {req.rid!r} is already in use", param="rid")
+        self._check_rids_free([req.rid for req in reqs])  # again: another request may have taken one since
         merged: asyncio.Queue = asyncio.Queue()
         index_of = {req.rid: i for i, req in enumerate(reqs)}
         arrival = time.perf_counter()
@@ -205,6 +204,11 @@ class TokenizerManager:
     async def _send_aborts(self, requests: list[tuple[str, int]]) -> None:
         for rid, replica in requests:
             await self._to_replicas[replica].send(AbortReq(rid))
+
+    def _check_rids_free(self, rids: list[str]) -> None:
+        taken = next((rid for rid in rids if rid in self.states), None)
+        if taken is not None:
+            raise InvalidRequestError(f"request id {taken!r} is already in use", param="rid")
 
     def _observe(self, out: ReqOutput, stream: bool, arrival: float, last: dict[str, float]) -> None:
         if self.metrics is None:
