@@ -91,3 +91,17 @@ def test_children_never_see_the_api_key_on_their_command_line(tmp_path: Path) ->
         for proc in engine.runtime.processes.values():
             assert "sk-secret" not in " ".join(psutil.Process(proc.pid).cmdline())
             assert os.getpid() == psutil.Process(proc.pid).ppid()
+
+
+def test_a_new_server_removes_the_sockets_of_one_that_was_killed(tmp_path: Path) -> None:
+    from srt.runtime.ipc import remove_stale_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    stale = tmp_path / f"srt-ipc-{dead_pid}-abc"
+    live = tmp_path / f"srt-ipc-{os.getpid()}-def"
+    other = tmp_path / "srt-ipc-notapid"
+    for path in (stale, live, other):
+        path.mkdir()
+    remove_stale_dirs(str(tmp_path))
+    assert not stale.exists() and live.exists() and other.exists()

@@ -1,12 +1,16 @@
 """ZeroMQ PUSH/PULL channels between the processes, carrying ``srt.runtime.messages`` dataclasses.
 
-Endpoints are ``ipc://`` paths in a private temporary directory; high-water marks are
-off so that a burst of requests is never dropped or blocks the sender.
+Endpoints are ``ipc://`` paths in a private temporary directory named after the server's
+pid; high-water marks are off so that a burst of requests is never dropped or blocks the
+sender. A server removes its directory when it stops; one killed outright cannot, so each
+new one removes the directories of servers that are gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +35,8 @@ class IpcEndpoints:
 
     @classmethod
     def in_new_dir(cls, dp_size: int = 1, with_detokenizer: bool = True) -> tuple[IpcEndpoints, str]:
-        directory = tempfile.mkdtemp(prefix="srt-ipc-")
+        remove_stale_dirs()
+        directory = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         os.chmod(directory, 0o700)
 
         def endpoint(name: str) -> str:
@@ -40,6 +45,29 @@ class IpcEndpoints:
         schedulers = [endpoint(f"scheduler-{i}") for i in range(dp_size)]
         tokenizer = endpoint("tokenizer")
         return cls(schedulers, endpoint("detokenizer") if with_detokenizer else tokenizer, tokenizer), directory
+
+
+_DIR_PREFIX = "srt-ipc-"
+_DIR_PATTERN = re.compile(rf"{_DIR_PREFIX}(\d+)-")
+
+
+def remove_stale_dirs(parent: str | None = None) -> None:
+    """Remove socket directories whose server process no longer exists (it was killed with SIGKILL)."""
+    parent = parent or tempfile.gettempdir()
+    for name in os.listdir(parent):
+        match = _DIR_PATTERN.match(name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _socket(context: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:
