@@ -61,7 +61,7 @@ class OutputProcessor:
                 req.input_top_logprobs.append(None)
             first_row = ends[i] - len(req.logit_positions)
             for row, position in enumerate(req.logit_positions, first_row):
-                if req.logprob_start_len - 1 <= position < len(req.input_ids) - 1:
+                if req.first_logit_position <= position < len(req.input_ids) - 1:
                     rows.append(row)
                     next_ids.append(req.input_ids[position + 1])
                     top_n.append(req.top_logprobs_num)

@@ -53,12 +53,17 @@ class Req:
         return self.logprob_start_len >= 0 and not self.input_logprobs_done
 
     @property
+    def first_logit_position(self) -> int:
+        """For prompt logprobs, the first position whose logits are needed (the logits at
+        position p give the logprob of token p + 1)."""
+        return max(self.logprob_start_len - 1, 0)
+
+    @property
     def reusable_prefix_len(self) -> int:
         """How many leading tokens may come from the prefix cache: all but the last, except that a
-        request wanting prompt logprobs computes every position whose logits it needs (the logits
-        at position p give the logprob of token p + 1)."""
+        request wanting prompt logprobs computes every position whose logits it needs."""
         limit = len(self.fill_ids) - 1
-        return min(limit, max(self.logprob_start_len - 1, 0)) if self.wants_input_logprobs else limit
+        return min(limit, self.first_logit_position) if self.wants_input_logprobs else limit
 
     @property
     def fill_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ retracted requests coming back) or decodes one token for every running request:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -128,7 +129,7 @@ class Scheduler:
     def _run(self, prefill: list[Req], decode: list[Req]) -> None:
         batch = prefill + decode
         logits = self.runner.forward(self._forward_batch(batch))  # a row per entry of each req.logit_positions
-        ends = torch.tensor([len(r.logit_positions) for r in batch]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(len(r.logit_positions) for r in batch))
         if any(r.wants_input_logprobs for r in prefill):
             self.output.add_input_logprobs(prefill, logits, ends)
         for req in batch:
@@ -162,7 +163,7 @@ class Scheduler:
             req.logit_positions = range(end - 1, end)  # the last new token's logits give the next token
             if req.wants_input_logprobs:
                 # ...and, for prompt logprobs, every position from the one before logprob_start_len on.
-                req.logit_positions = range(min(max(start, req.logprob_start_len - 1), end - 1), end)
+                req.logit_positions = range(min(max(start, req.first_logit_position), end - 1), end)
             logit_rows.extend(len(positions) + p - start for p in req.logit_positions)
             input_ids.extend(fill[start:end])
             positions.extend(range(start, end))

@@ -11,6 +11,7 @@ import jinja2
 
 from srt.entrypoints.errors import APIError
 from srt.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from srt.runtime.generate_request import InvalidRequestError
 from srt.sampling.sampling_params import is_valid_unicode
 from srt.tokenizer_manager.manager import TokenizerManager
 
@@ -21,9 +22,10 @@ def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | list[int]
         raise APIError(400, "prompt is an empty list", param="prompt")
     texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
     if texts is not None:
-        if not all(is_valid_unicode(text) for text in texts):
-            raise APIError(400, "the prompt is not valid Unicode (it holds a lone surrogate)", param="prompt")
-        return tm.tokenize(texts)
+        try:
+            return tm.tokenize(texts)
+        except InvalidRequestError as e:  # its param names the native field (text), not OpenAI's
+            raise APIError(400, str(e), param="prompt", code=e.code) from e
     if isinstance(prompt[0], int):
         return [prompt]
     return prompt
