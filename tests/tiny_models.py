@@ -84,7 +84,8 @@ def load_reference(directory: str) -> torch.nn.Module:
 @torch.inference_mode()
 def reference_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy generate, never stopping early (no EOS, like ``ignore_eos``)."""
-    config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    # An empty list, not None: generate reads None as "unset" and stops at the model's own EOS.
+    config = GenerationConfig(do_sample=False, eos_token_id=[], pad_token_id=0)
     out = model.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
