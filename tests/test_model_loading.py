@@ -6,6 +6,11 @@ Promised here:
   ``model.safetensors.index.json``) is loaded whole: srt's greedy output equals
   transformers' own greedy generate. This holds too when the model ties its output
   embedding to its input embedding, so that the checkpoint has no ``lm_head.weight``.
+* A checkpoint in the hub's layout rather than the model's (one tensor per MoE expert
+  where the model holds all experts of a layer in one fused 3-D parameter, Mixtral's
+  ``block_sparse_moe.experts.N.w1``, GPT-NeoX's ``embed_out``) is converted the way
+  transformers converts it, and generates what transformers generates. That layout is
+  what ``save_pretrained`` writes.
 * A model whose code lives in its own folder (``auto_map`` in config.json) is served with
   ``trust_remote_code=True``, exactly like the architecture it is built from; without
   ``trust_remote_code`` the Engine refuses to start and says that the option is needed.
@@ -15,17 +20,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import dynamic_module_utils
 
 import srt
 from srt.model_loader.loader import safetensors_files
-from tiny_models import build_tiny_model, byte_tokenizer, load_reference, reference_greedy
+from test_parity import assert_greedy_equal, make_prompts
+from tiny_models import CONVERTED_ARCHITECTURES, build_tiny_model, byte_tokenizer, load_reference, reference_greedy
 
 PROMPTS = [[5, 77, 200, 31, 9, 140, 66], [250, 3, 18]]
 MAX_NEW = 8
@@ -59,6 +68,45 @@ def test_sharded_checkpoint_generates_like_transformers(tmp_path: Path, tie_word
 
     expected = [reference_greedy(reference, prompt, MAX_NEW) for prompt in PROMPTS]
     assert srt_greedy(model_dir) == expected
+
+
+# ---- checkpoints that transformers converts --------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", sorted(CONVERTED_ARCHITECTURES))
+def test_converted_checkpoint_generates_like_transformers(tmp_path: Path, model_type: str) -> None:
+    model_dir = build_tiny_model(model_type, str(tmp_path))
+    reference = load_reference(model_dir)
+    with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    # Model tensors that the checkpoint does not hold under their own name: only a loader
+    # that applies transformers' conversion finds them.
+    assert set(reference.state_dict()) - stored
+
+    prompts = make_prompts()
+    expected = [reference_greedy(reference, prompt, MAX_NEW) for prompt in prompts]
+    with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=1024, max_prefill_tokens=40) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+    for prompt, out, want in zip(prompts, outs, expected):
+        assert_greedy_equal(reference, prompt, out["output_ids"], want)
+
+
+@pytest.mark.parametrize(
+    ("dropped", "refusal"),
+    [
+        # Three experts stacked where the model has four: refused, not loaded shifted.
+        (r"layers\.0\..*experts\.3\.w2\.", r"experts\.down_proj has shape \[3, 64, 32\], the model's is \[4, 64, 32\]"),
+        (r"layers\.0\..*experts\.\d+\.w2\.", r"lacks weights for 1 parameters.*layers\.0\.mlp\.experts\.down_proj"),
+    ],
+    ids=["one-expert", "all-experts"],
+)
+def test_checkpoint_missing_experts_is_refused(tmp_path: Path, dropped: str, refusal: str) -> None:
+    model_dir = build_tiny_model("mixtral", str(tmp_path))
+    path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(path)
+    save_file({key: t for key, t in tensors.items() if not re.search(dropped, key)}, path, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=refusal):
+        srt_greedy(model_dir)
 
 
 # ---- trust_remote_code ------------------------------------------------------------------

@@ -53,16 +53,62 @@ ARCHITECTURES: dict[str, dict] = {
     "olmo2": {},
 }
 
+# Architectures whose checkpoints transformers converts when it loads them: save_pretrained
+# writes the hub's layout (one tensor per expert, legacy names) and from_pretrained merges
+# the experts into fused 3-D parameters or renames. Four experts, two per token.
+CONVERTED_ARCHITECTURES: dict[str, dict] = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "use_sliding_window": False,
+    },
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
+    # Over ten experts: experts.10 must be stacked after experts.9, not after experts.1.
+    "olmoe": {"num_experts": 12, "num_experts_per_tok": 2, "intermediate_size": 32},
+    "gpt_neox": {"num_key_value_heads": 4},  # lm_head is saved as embed_out
+    "deepseek_v3": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "num_key_value_heads": 4,
+    },
+}
+
 
 def build_tiny_model(model_type: str, directory: str, **overrides) -> str:
     """Save a random ``model_type`` model (float32) and a byte tokenizer into ``directory``."""
-    config = AutoConfig.for_model(model_type, **{**_COMMON, **ARCHITECTURES[model_type], **overrides})
+    architecture = {**ARCHITECTURES, **CONVERTED_ARCHITECTURES}.get(model_type, {})
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **architecture, **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    _draw_learned_buffers(model, config.initializer_range)
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     return directory
+
+
+@torch.no_grad()
+def _draw_learned_buffers(model: torch.nn.Module, std: float) -> None:
+    """Persistent floating-point buffers are learned state saved with the weights (DeepSeek's
+    router bias ``e_score_correction_bias``): draw them at random too, so that a loader that
+    skipped them would not match transformers."""
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set and buf.is_floating_point():
+                buf.normal_(0.0, std)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

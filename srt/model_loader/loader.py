@@ -3,14 +3,18 @@
 No per-model code: the model's own classes run the forward; we only (1) route its
 attention to the srt attention function registered for it, (2) swap linears and
 embeddings for the parallel layers its TP plan names (tp_plan.py), and (3) stream
-weights from safetensors through each parameter's ``weight_loader``.
+weights from safetensors through each parameter's ``weight_loader``, checkpoint names
+mapped to the model's as transformers maps them (weight_mapping.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from contextlib import ExitStack
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -19,9 +23,10 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from srt.layers.weight_shards import read_full
+from srt.layers.weight_shards import read_full, shape_of
 from srt.model_loader.config import model_shape
 from srt.model_loader.tp_plan import apply_tp_plan
+from srt.model_loader.weight_mapping import checkpoint_targets, converted_tensors, plan_loads
 from srt.platform.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -84,37 +89,71 @@ def safetensors_files(model_path: str) -> list[str]:
 
 
 def load_weights(model: nn.Module, model_path: str) -> None:
-    """Stream every checkpoint tensor into its parameter; each rank reads only its slices."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers())
-    loaded: set[str] = set()
-    skipped: list[str] = []
+    """Stream every checkpoint tensor into its model tensor, names mapped as transformers maps
+    them (weight_mapping.py); a renamed tensor is read as this rank's slice only."""
+    targets = checkpoint_targets(model)
     files = safetensors_files(model_path)
-    with tqdm(total=len(files), desc="Loading safetensors", unit="file", disable=len(files) < 2) as bar:
+    with ExitStack() as stack:
+        # Open every file once (safetensors maps it, nothing is read yet): a converter's
+        # sources, all experts of a layer say, may sit in different files.
+        handle_of = {}
         for path in files:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in params:
-                        param = params[name]
-                        loader = getattr(param, "weight_loader", _load_replicated)
-                        loader(param, f.get_slice(name))
+            handle = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            handle_of.update(dict.fromkeys(handle.keys(), handle))
+        plan = plan_loads(model, handle_of, targets, lambda key: functools.partial(handle_of[key].get_tensor, key))
+        loaded: set[str] = set()
+        with tqdm(total=len(plan), desc="Loading weights", unit="tensor", disable=len(files) < 2) as bar:
+            for name, key in plan.renamed.items():
+                _load(name, targets[name], handle_of[key].get_slice(key))
+                loaded.add(name)
+                bar.update()
+            for converted in converted_tensors(model, plan):
+                for name, tensor in converted.items():
+                    if name in targets:
+                        _load(name, targets[name], tensor)
                         loaded.add(name)
-                    elif name in buffers:
-                        buffers[name].copy_(f.get_tensor(name))
-                    else:
-                        skipped.append(name)
-            bar.update()
-    if skipped:
-        logger.warning("ignored %d checkpoint tensors the model does not have, e.g. %s", len(skipped), skipped[:3])
+                    else:  # a part of a split that the model does not have
+                        plan.unexpected.append(name)
+                bar.update()
+    if plan.unexpected:
+        logger.warning(
+            "ignored %d checkpoint tensors the model does not have, e.g. %s", len(plan.unexpected), plan.unexpected[:3]
+        )
     _tie_output_embeddings(model)
-    loaded_ids = {id(params[name]) for name in loaded}
+    _check_complete(model, model_path, targets, loaded)
+
+
+def _load(name: str, target: torch.Tensor, loaded: Any) -> None:
+    """Fill ``target`` from a checkpoint tensor or safetensors slice: through its ``weight_loader``
+    when it has one (parallel layers cut their shard; an experts implementation may shard its
+    3-D parameters the same way), else whole."""
+    loader = getattr(target, "weight_loader", None)
+    if loader is not None:
+        loader(target, loaded)
+        return
+    # copy_ would broadcast a tensor of the wrong shape (a missing expert, a transposed layout) silently.
+    if shape_of(loaded) != list(target.shape):
+        raise ValueError(
+            f"checkpoint tensor for {name} has shape {shape_of(loaded)}, the model's is {list(target.shape)}"
+        )
+    target.data.copy_(read_full(loaded))
+
+
+def _check_complete(model: nn.Module, model_path: str, targets: dict[str, torch.Tensor], loaded: set[str]) -> None:
+    """Refuse a model with parameters the checkpoint did not fill (their memory is uninitialised).
+
+    A persistent buffer the checkpoint lacks keeps the value its module's constructor gave
+    it, which is what transformers initialises a missing buffer to; it is only reported.
+    """
+    loaded_ids = {id(targets[name]) for name in loaded}
     missing = [name for name, p in model.named_parameters(remove_duplicate=False) if id(p) not in loaded_ids]
     if missing:
         raise ValueError(f"checkpoint {model_path} lacks weights for {len(missing)} parameters, e.g. {missing[:5]}")
-
-
-def _load_replicated(param: nn.Parameter, loaded) -> None:
-    param.data.copy_(read_full(loaded))
+    buffers = [name for name, t in targets.items() if not isinstance(t, nn.Parameter) and name not in loaded]
+    if buffers:
+        logger.warning(
+            "checkpoint %s lacks %d buffers, kept as the model builds them: %s", model_path, len(buffers), buffers[:5]
+        )
 
 
 def _tie_output_embeddings(model: nn.Module) -> None:
