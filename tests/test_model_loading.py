@@ -11,6 +11,9 @@ Promised here:
   ``block_sparse_moe.experts.N.w1``, GPT-NeoX's ``embed_out``) is converted the way
   transformers converts it, and generates what transformers generates. That layout is
   what ``save_pretrained`` writes.
+* A quantized checkpoint (``quantization_config`` in config.json) is refused at start, with
+  the quantization method named: srt implements none, and reading packed weights as plain
+  ones would be garbage.
 * A model whose code lives in its own folder (``auto_map`` in config.json) is served with
   ``trust_remote_code=True``, exactly like the architecture it is built from; without
   ``trust_remote_code`` the Engine refuses to start and says that the option is needed.
@@ -105,6 +108,20 @@ def test_checkpoint_missing_experts_is_refused(tmp_path: Path, dropped: str, ref
     path = os.path.join(model_dir, "model.safetensors")
     tensors = load_file(path)
     save_file({key: t for key, t in tensors.items() if not re.search(dropped, key)}, path, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=refusal):
+        srt_greedy(model_dir)
+
+
+# ---- quantized checkpoints ----------------------------------------------------------------
+
+
+def test_quantized_checkpoint_is_refused_naming_its_method(tmp_path: Path) -> None:
+    model_dir = build_tiny_model("llama", str(tmp_path))
+    config_path = Path(model_dir, "config.json")
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    config_path.write_text(json.dumps(config, indent=2))
+    refusal = r"quantization method 'fp8' \(quantization_config in config.json\) is not supported by srt"
     with pytest.raises(RuntimeError, match=refusal):
         srt_greedy(model_dir)
 

@@ -23,6 +23,18 @@ def load_config(model_path: str, trust_remote_code: bool = False, revision: str 
     return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, revision=revision)
 
 
+def refuse_quantized(config: PretrainedConfig) -> None:
+    """Refuse a quantized checkpoint: srt implements no quantization method yet, and its
+    packed integer / fp8 tensors and their scales read as plain weights would be garbage."""
+    for part in (config, config.get_text_config()):
+        quantization = getattr(part, "quantization_config", None)
+        if quantization is None:
+            continue
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod is a str Enum
+        raise ValueError(f"quantization method {method!r} (quantization_config in config.json) is not supported by srt")
+
+
 def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
     dtype = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
     if isinstance(dtype, str):
