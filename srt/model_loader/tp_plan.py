@@ -15,6 +15,25 @@ from srt.platform.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
 
+# Plan styles of modules that srt keeps whole on every rank, because whole they compute
+# exactly what their sharded twins compute: the module gets the full activations (the
+# residual stream is never split) and returns full ones, so nothing downstream can tell.
+# Most only matter for training gradients; ``moe_tp_experts`` splits every expert over
+# the ranks and sums their outputs, which whole experts need not do (they cost memory:
+# each rank holds all of them); ``moe_identity_expert`` only undoes that sum.
+REPLICATED_EXACTLY = frozenset(
+    {
+        "replicate",
+        "replicated_with_grad_allreduce",
+        "mla_kv_a_proj",
+        "sequence_parallel",
+        "local_params",
+        "all_reduce",
+        "moe_tp_experts",
+        "moe_identity_expert",
+    }
+)
+
 
 def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device, shape: ModelShape, tp_group: TPGroup) -> None:
     """Swap every linear / embedding that the model's TP plan names for its parallel twin.
@@ -29,13 +48,40 @@ def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device, sh
     for name, module in list(model.named_modules()):
         if module is lm_head:
             continue  # vocab-parallel below, sharded like the embedding so tied weights agree
-        style = next((s for pattern, s in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
-        replacement = _parallel_twin(module, style, dtype, device, shape, tp_group)
+        replacement = _parallel_twin(module, _style(plan, name), dtype, device, shape, tp_group)
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, replacement)
     if lm_head is not None:
         model.set_output_embeddings(_lm_head(lm_head, dtype, device, tp_group))
+    if tp_group.size > 1:
+        _refuse_whole_parameters(model, plan)
+
+
+def _style(plan: dict[str, str], name: str) -> str | None:
+    return next((s for pattern, s in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def _refuse_whole_parameters(model: nn.Module, plan: dict[str, str]) -> None:
+    """Refuse plan entries that split a bare parameter (not a module) srt would keep whole,
+    unless its module is one kept whole too.
+
+    Whole inside a whole module is exact (the fused 3-D weights of ``moe_tp_experts``);
+    whole next to split projections it is not: attention sinks hold one value per head,
+    and this rank attends over its own heads only. ``local_params`` marks just such a
+    module (one whose projections and bare parameters are split alike), so it does not count.
+    """
+    for name, param in model.named_parameters():
+        style = _style(plan, name)
+        if style is None or style in REPLICATED_EXACTLY or hasattr(param, "weight_loader"):
+            continue  # not split by the plan, or split by the layer that owns it
+        owner = name.rpartition(".")[0]
+        if _style(plan, owner) in REPLICATED_EXACTLY - {"local_params"}:
+            continue
+        raise ValueError(
+            f"the tensor-parallel plan splits parameter {name} ({style!r}), which srt does not split; "
+            "kept whole next to split layers it would be wrong: use --tp 1"
+        )
 
 
 def _parallel_twin(
@@ -68,7 +114,9 @@ def _parallel_twin(
         return RowParallelLinear(
             *args, input_is_parallel=style != "rowwise_split_input", packed=2 if style == "packed_rowwise" else 1
         )
-    if tp_group.size > 1:
+    if tp_group.size > 1 and style not in REPLICATED_EXACTLY:
+        # A linear kept whole still computes its full output; neighbours that were split
+        # then fail on shapes rather than compute something else.
         logger.warning("tensor-parallel style %r is not supported; the layer stays replicated", style)
     return None
 
