@@ -75,6 +75,10 @@ def srt_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q ``[1, H, T, D]``, k/v ``[1, H_kv, T, D]`` → ``[1, T, H, D]``."""
     batch, backend = context.batch, context.backend
+    if kwargs.get("s_aux") is not None:  # ignoring them would give other attention weights, silently
+        raise NotImplementedError(
+            f"{type(module).__name__} uses attention sinks (s_aux), which srt does not implement yet"
+        )
     if batch is None:
         raise RuntimeError("the srt attention ran outside a forward context (call the model through ModelRunner)")
     layer = module.layer_idx
