@@ -55,6 +55,7 @@ class ServerArgs:
 
     # Parallelism
     tp_size: int = 1
+    ep_size: int = field(default=1, metadata={"help": "expert-parallel groups within the TP group: each holds num_experts / ep_size whole experts, split over its tp_size / ep_size ranks"})
     dp_size: int = field(default=1, metadata={"help": "data-parallel replicas, each its own TP group"})
     load_balance_method: Literal["round_robin", "shortest_queue"] = "round_robin"
     base_gpu_id: int = 0
@@ -103,6 +104,10 @@ class ServerArgs:
         require(self.context_length is None or self.context_length > 0, "context_length must be positive")
         require(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
         require(self.nnodes >= 1 and 0 <= self.node_rank < self.nnodes, "node_rank must be in [0, nnodes)")
+        require(
+            self.ep_size >= 1 and self.tp_size % self.ep_size == 0,
+            f"ep_size={self.ep_size} must divide tp_size={self.tp_size}: expert-parallel groups are made of the TP group's ranks",
+        )
         require(self.dp_size >= 1, f"dp_size must be >= 1, got {self.dp_size}")
         for name in ("max_request_body_bytes", "max_prompts_per_request", "max_logprobs", "max_logit_bias_entries", "max_queued_requests"):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
@@ -155,6 +160,7 @@ class ServerArgs:
 _ALIASES = {
     "tp_size": ["--tp"],
     "dp_size": ["--dp"],
+    "ep_size": ["--ep"],
     "model_path": ["--model"],
 }
 

@@ -98,7 +98,7 @@ def test_converted_checkpoint_generates_like_transformers(tmp_path: Path, model_
     ("dropped", "refusal"),
     [
         # Three experts stacked where the model has four: refused, not loaded shifted.
-        (r"layers\.0\..*experts\.3\.w2\.", r"experts\.down_proj has shape \[3, 64, 32\], the model's is \[4, 64, 32\]"),
+        (r"layers\.0\..*experts\.3\.w2\.", r"experts\.down_proj: has shape \[3, 64, 32\], the model's is \[4, 64, 32\]"),
         (r"layers\.0\..*experts\.\d+\.w2\.", r"lacks weights for 1 parameters.*layers\.0\.mlp\.experts\.down_proj"),
     ],
     ids=["one-expert", "all-experts"],

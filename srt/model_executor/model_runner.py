@@ -40,7 +40,14 @@ class ModelRunner:
 
         start = time.perf_counter()
         self.model = load_model(
-            model_path, self.config, self.dtype, self.device, tp_group, self.attention.name, server_args.trust_remote_code
+            model_path,
+            self.config,
+            self.dtype,
+            self.device,
+            tp_group,
+            self.attention.name,
+            server_args.trust_remote_code,
+            server_args.ep_size,
         )
         if devices.prepacks_linear_weights(self.device, self.dtype):
             pack_linear_weights(self.model)

@@ -23,10 +23,12 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from srt.layers.moe.experts import EXPERTS_IMPLEMENTATION
 from srt.layers.weight_shards import read_full, shape_of
 from srt.model_loader.config import model_shape, refuse_quantized
 from srt.model_loader.tp_plan import apply_tp_plan
 from srt.model_loader.weight_mapping import checkpoint_targets, converted_tensors, plan_loads
+from srt.platform import device as devices
 from srt.platform.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -40,11 +42,14 @@ def load_model(
     tp_group: TPGroup,
     attn_implementation: str,
     trust_remote_code: bool = False,
+    ep_size: int = 1,
 ) -> nn.Module:
     """The model with this rank's weights, in eval mode, its attention the registered
-    ``attn_implementation`` (an ``AttentionContext``'s name)."""
+    ``attn_implementation`` (an ``AttentionContext``'s name) and its MoE experts (if any)
+    srt's, split over ``ep_size`` expert-parallel groups."""
     refuse_quantized(config)
     config._attn_implementation = attn_implementation
+    config._experts_implementation = EXPERTS_IMPLEMENTATION
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
     # computed for real by the modules' own constructors.
     with init_empty_weights(include_buffers=False):
@@ -55,7 +60,10 @@ def load_model(
             "(_supports_attention_backend is False), so srt cannot serve it"
         )
     model.config._attn_implementation = attn_implementation
-    apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group)
+    model.config._experts_implementation = EXPERTS_IMPLEMENTATION
+    apply_tp_plan(
+        model, dtype, device, model_shape(config, tp_group.size), tp_group, ep_size, devices.experts_kernel(device)
+    )
     _materialize(model, device)
     load_weights(model, model_path)
     return model.eval()
@@ -130,7 +138,10 @@ def _load(name: str, target: torch.Tensor, loaded: Any) -> None:
     3-D parameters the same way), else whole."""
     loader = getattr(target, "weight_loader", None)
     if loader is not None:
-        loader(target, loaded)
+        try:
+            loader(target, loaded)
+        except ValueError as e:  # a loader knows shapes, not names
+            raise ValueError(f"checkpoint tensor for {name}: {e}") from e
         return
     # copy_ would broadcast a tensor of the wrong shape (a missing expert, a transposed layout) silently.
     if shape_of(loaded) != list(target.shape):

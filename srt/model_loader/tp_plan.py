@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from srt.layers.linear import ColumnParallelLinear, RowParallelLinear
+from srt.layers.moe.experts import is_experts_module, shard_experts
 from srt.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from srt.model_loader.config import ModelShape
 from srt.platform.distributed import TPGroup
@@ -18,9 +19,9 @@ logger = logging.getLogger(__name__)
 # Plan styles of modules that srt keeps whole on every rank, because whole they compute
 # exactly what their sharded twins compute: the module gets the full activations (the
 # residual stream is never split) and returns full ones, so nothing downstream can tell.
-# Most only matter for training gradients; ``moe_tp_experts`` splits every expert over
-# the ranks and sums their outputs, which whole experts need not do (they cost memory:
-# each rank holds all of them); ``moe_identity_expert`` only undoes that sum.
+# Most only matter for training gradients; ``moe_identity_expert`` only undoes the sum of
+# a split experts module's outputs. (``moe_tp_experts`` is not among them: srt splits every
+# experts module itself, srt.layers.moe, whatever the plan says.)
 REPLICATED_EXACTLY = frozenset(
     {
         "replicate",
@@ -29,14 +30,23 @@ REPLICATED_EXACTLY = frozenset(
         "sequence_parallel",
         "local_params",
         "all_reduce",
-        "moe_tp_experts",
         "moe_identity_expert",
     }
 )
 
 
-def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device, shape: ModelShape, tp_group: TPGroup) -> None:
-    """Swap every linear / embedding that the model's TP plan names for its parallel twin.
+def apply_tp_plan(
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    shape: ModelShape,
+    tp_group: TPGroup,
+    ep_size: int = 1,
+    experts_kernel: str = "grouped_mm",
+) -> None:
+    """Swap every linear / embedding that the model's TP plan names for its parallel twin,
+    and split every experts module over the ranks (``ep_size`` groups of whole experts, each
+    expert's intermediate dimension split within a group; srt.layers.moe).
 
     Linears the plan does not name stay replicated. With one rank the swap still
     happens, so TP=1 runs the same code as TP=N.
@@ -48,6 +58,9 @@ def apply_tp_plan(model: nn.Module, dtype: torch.dtype, device: torch.device, sh
     for name, module in list(model.named_modules()):
         if module is lm_head:
             continue  # vocab-parallel below, sharded like the embedding so tied weights agree
+        if is_experts_module(module):
+            shard_experts(module, dtype, device, tp_group, ep_size, experts_kernel)
+            continue
         replacement = _parallel_twin(module, _style(plan, name), dtype, device, shape, tp_group)
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")

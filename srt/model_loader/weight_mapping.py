@@ -13,11 +13,14 @@ checkpoint ``from_pretrained`` loads, srt loads, with no table of our own.
 A tensor that is only renamed is read by its parameter's ``weight_loader`` straight
 from the file, so a rank reads only its shard. A converted tensor is built whole from
 its sources first (one target at a time, so memory stays bounded by the largest
-parameter), and the full result goes to the same ``weight_loader``.
+parameter), and the full result goes to the same ``weight_loader``. An expert-parallel
+rank's experts parameters say which experts they hold (``local_experts``): of a checkpoint
+that stores one tensor per expert, only those experts' tensors are read and merged.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -29,6 +32,9 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, dot
 
 # Reads one checkpoint tensor whole when called (a converter calls it only when it converts).
 LazyTensor = Callable[[], torch.Tensor]
+
+# The expert index in a per-expert checkpoint key (``mlp.experts.3.gate_proj.weight``).
+_EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
 def checkpoint_targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,11 +90,19 @@ def plan_loads(
                 plan.unexpected.append(key)
             else:
                 plan.renamed[name] = key
+        elif _held_elsewhere(key, targets[name]):
+            continue  # another expert-parallel rank's expert: not read here
         else:
             # Each target gets its own converter, which collects that target's sources.
             converter = plan.converted.setdefault(name, deepcopy(converter_of[pattern]))
             converter.add_tensor(name, key, pattern, lazy(key))
     return plan
+
+
+def _held_elsewhere(key: str, target: torch.Tensor) -> bool:
+    local = getattr(target, "local_experts", None)
+    match = _EXPERT_INDEX.search(key) if local is not None else None
+    return match is not None and int(match.group(1)) not in local
 
 
 def converted_tensors(model: nn.Module, plan: LoadPlan) -> Iterator[dict[str, torch.Tensor]]:

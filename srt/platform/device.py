@@ -55,6 +55,11 @@ def default_attention_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def experts_kernel(device: torch.device) -> str:
+    """The expert GEMM of MoE layers: the Triton fused-MoE kernel on CUDA, torch's grouped GEMM elsewhere."""
+    return "triton" if device.type == "cuda" else "grouped_mm"
+
+
 def in_host_memory(device: torch.device) -> bool:
     """Whether tensors on ``device`` live in host memory, where C code called through ctypes can read them."""
     return device.type == "cpu"

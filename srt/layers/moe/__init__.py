@@ -1,0 +1,1 @@
+"""Mixture-of-experts layers: the experts implementation transformers MoE models call."""
