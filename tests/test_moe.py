@@ -61,30 +61,39 @@ def test_moe_layers_run_srt_experts_and_match_transformers(tmp_path: Path, model
     torch.testing.assert_close(got, reference(input_ids=tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tp_ep", [(2, 1), (2, 2), (4, 2)], ids=["tp2", "tp2-ep2", "tp4-ep2"])
-@torch.inference_mode()
-def test_rank_outputs_sum_to_the_whole_experts_output(tmp_path: Path, tp_ep: tuple[int, int]) -> None:
-    tp, ep = tp_ep
-    reference = load_reference(build_tiny_model("olmoe", str(tmp_path)))
-    whole = reference.model.layers[0].mlp.experts
+def eager_experts_and_inputs(model_dir: str, tokens: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The first MoE layer's experts, running transformers' eager implementation, and random routed tokens."""
+    whole = load_reference(model_dir).model.layers[0].mlp.experts
     whole.config._experts_implementation = "eager"
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(9, whole.hidden_dim, generator=gen)
-    top_k_index = torch.stack([torch.randperm(whole.num_experts, generator=gen)[:2] for _ in range(9)])
-    top_k_weights = torch.rand(9, 2, generator=gen)
-    total = torch.zeros_like(hidden)
+    hidden = torch.randn(tokens, whole.hidden_dim, generator=gen)
+    top_k_index = torch.stack([torch.randperm(whole.num_experts, generator=gen)[:2] for _ in range(tokens)])
+    return whole, (hidden, top_k_index, torch.rand(tokens, 2, generator=gen))
+
+
+def sum_over_ranks(whole: torch.nn.Module, tp: int, ep: int, kernel: str, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Every rank's partial output, as the all-reduce would sum them, each rank's experts
+    split from ``whole`` by their own ``weight_loader``."""
+    total = torch.zeros_like(inputs[0])
     for rank in range(tp):
         part = copy.deepcopy(whole)
         part.config = copy.copy(whole.config)
         part.config._experts_implementation = EXPERTS_IMPLEMENTATION
-        shard_experts(part, torch.float32, torch.device("cpu"), TPGroup(rank=rank, size=tp), ep, "grouped_mm")
+        shard_experts(part, torch.float32, torch.device("cpu"), TPGroup(rank=rank, size=tp), ep, kernel)
         for name in ("gate_up_proj", "down_proj"):
             param = getattr(part, name)
             param.weight_loader(param, getattr(whole, name).detach())
-        # Each rank's partial sum, as the all-reduce would receive it.
-        part.srt_shard = dataclasses.replace(part.srt_shard, tp_group=TPGroup())
-        total += part(hidden, top_k_index, top_k_weights)
-    torch.testing.assert_close(total, whole(hidden, top_k_index, top_k_weights), rtol=1e-5, atol=1e-5)
+        part.srt_shard = dataclasses.replace(part.srt_shard, tp_group=TPGroup())  # the sum is taken here instead
+        total += part(*inputs)
+    return total
+
+
+@pytest.mark.parametrize("tp_ep", [(2, 1), (2, 2), (4, 2)], ids=["tp2", "tp2-ep2", "tp4-ep2"])
+@torch.inference_mode()
+def test_rank_outputs_sum_to_the_whole_experts_output(tmp_path: Path, tp_ep: tuple[int, int]) -> None:
+    whole, inputs = eager_experts_and_inputs(build_tiny_model("olmoe", str(tmp_path)), tokens=9)
+    got = sum_over_ranks(whole, *tp_ep, "grouped_mm", inputs)
+    torch.testing.assert_close(got, whole(*inputs), rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()
