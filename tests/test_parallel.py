@@ -1,4 +1,8 @@
-"""`--tp 2` on CPU (gloo): the same greedy output as transformers, about half the weights per rank."""
+"""`--tp 2` on CPU (gloo): the same greedy output as transformers, about half the weights per rank.
+
+MoE models too: experts split on their intermediate dimension (``--tp 2``) or whole experts
+split over the ranks (``--tp 2 --ep-size 2``), with the router and shared experts the model's own.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ CASES = {
     "gemma3_text": {},
     "phi3": {},  # fused qkv / gate_up: its plan gathers them and splits the input of o_proj / down_proj
     "llama-kv1": {"num_key_value_heads": 1},  # one KV head shared by both ranks
-    "qwen3_moe": {},  # attention split, the fused experts whole on each rank
+    "qwen3_moe": {},  # attention split, every expert's intermediate dimension split
+    "deepseek_v3": {},  # routed experts split by srt, shared experts by the model's plan: each reduced once
 }
 
 
@@ -37,6 +42,18 @@ def test_tp2_matches_transformers(case, tmp_path):
     assert [o["output_ids"] for o in again] == [o["output_ids"] for o in outs]
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
     assert infos["scheduler-TP0"].weight_bytes == infos["scheduler-TP1"].weight_bytes
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe"])
+def test_tp2_ep2_matches_transformers(model_type, tmp_path):
+    model_dir = build_tiny_model(model_type, str(tmp_path))
+    prompts = make_prompts()
+    params = {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+    with srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=1024, tp_size=2, ep_size=2) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+    reference = load_reference(model_dir)
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_equal(reference, prompt, out["output_ids"], reference_greedy(reference, prompt, MAX_NEW))
 
 
 def test_tp2_halves_weight_memory_per_rank(tmp_path):

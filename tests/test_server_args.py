@@ -75,6 +75,12 @@ def test_argparse_enforces_choices_and_types(argv, capsys):
     assert "invalid" in capsys.readouterr().err
 
 
+def test_ep_size_must_divide_tp_size():
+    assert ServerArgs(tp_size=4, ep_size=2).ep_size == 2
+    with pytest.raises(ValueError, match="ep_size=3 must divide tp_size=2"):
+        ServerArgs(tp_size=2, ep_size=3)
+
+
 def test_bad_values_on_the_command_line_raise_value_error():
     with pytest.raises(ValueError, match="mem_fraction_static"):
         parse("--mem-fraction-static", "1.5")
