@@ -55,16 +55,20 @@ def apply_tp_plan(
     if not plan and tp_group.size > 1:
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (base_model_tp_plan); use --tp 1")
     lm_head = model.get_output_embeddings()
+    experts_modules = 0
     for name, module in list(model.named_modules()):
         if module is lm_head:
             continue  # vocab-parallel below, sharded like the embedding so tied weights agree
         if is_experts_module(module):
             shard_experts(module, dtype, device, tp_group, ep_size, experts_kernel)
+            experts_modules += 1
             continue
         replacement = _parallel_twin(module, _style(plan, name), dtype, device, shape, tp_group)
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, replacement)
+    if ep_size > 1 and not experts_modules:
+        logger.warning("--ep-size %d has no effect: %s has no experts module srt splits", ep_size, type(model).__name__)
     if lm_head is not None:
         model.set_output_embeddings(_lm_head(lm_head, dtype, device, tp_group))
     if tp_group.size > 1:
@@ -79,8 +83,8 @@ def _refuse_whole_parameters(model: nn.Module, plan: dict[str, str]) -> None:
     """Refuse plan entries that split a bare parameter (not a module) srt would keep whole,
     unless its module is one kept whole too.
 
-    Whole inside a whole module is exact (the fused 3-D weights of ``moe_tp_experts``);
-    whole next to split projections it is not: attention sinks hold one value per head,
+    Whole inside a whole module is exact (a module the plan marks ``all_reduce`` or
+    ``replicate`` gets full inputs and returns full outputs); whole next to split projections it is not: attention sinks hold one value per head,
     and this rank attends over its own heads only. ``local_params`` marks just such a
     module (one whose projections and bare parameters are split alike), so it does not count.
     """
