@@ -38,6 +38,7 @@ def _expert_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -61,7 +62,7 @@ def _expert_gemm_kernel(
             mask=(offs_n[None, :] < N) & (offs_k[:, None] < K),
             other=0.0,
         )
-        acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     out = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
 
@@ -114,5 +115,7 @@ def triton_expert_gemm(
         a, a_rows, w, out, sorted_pairs, block_expert, num_pairs, n, k,
         a.stride(0), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # fp16/bf16 values are exact in tf32, so tf32 tensor cores lose nothing; fp32 inputs get full fp32 dots.
+        DOT_PRECISION="ieee" if torch.float32 in (a.dtype, w.dtype) else "tf32",
     )  # fmt: skip
     return out
