@@ -28,7 +28,6 @@ from srt.layers.weight_shards import read_full, shape_of
 from srt.model_loader.config import model_shape, refuse_quantized
 from srt.model_loader.tp_plan import apply_tp_plan
 from srt.model_loader.weight_mapping import checkpoint_targets, converted_tensors, plan_loads
-from srt.platform import device as devices
 from srt.platform.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -61,9 +60,7 @@ def load_model(
         )
     model.config._attn_implementation = attn_implementation
     model.config._experts_implementation = EXPERTS_IMPLEMENTATION
-    apply_tp_plan(
-        model, dtype, device, model_shape(config, tp_group.size), tp_group, ep_size, devices.experts_kernel(device)
-    )
+    apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group, ep_size)
     _materialize(model, device)
     load_weights(model, model_path)
     return model.eval()

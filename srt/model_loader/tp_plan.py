@@ -12,6 +12,7 @@ from srt.layers.linear import ColumnParallelLinear, RowParallelLinear
 from srt.layers.moe.experts import is_experts_module, shard_experts
 from srt.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from srt.model_loader.config import ModelShape
+from srt.platform.device import experts_kernel
 from srt.platform.distributed import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ def apply_tp_plan(
     shape: ModelShape,
     tp_group: TPGroup,
     ep_size: int = 1,
-    experts_kernel: str = "grouped_mm",
 ) -> None:
     """Swap every linear / embedding that the model's TP plan names for its parallel twin,
     and split every experts module over the ranks (``ep_size`` groups of whole experts, each
@@ -60,7 +60,7 @@ def apply_tp_plan(
         if module is lm_head:
             continue  # vocab-parallel below, sharded like the embedding so tied weights agree
         if is_experts_module(module):
-            shard_experts(module, dtype, device, tp_group, ep_size, experts_kernel)
+            shard_experts(module, dtype, device, tp_group, ep_size, experts_kernel(device))
             experts_modules += 1
             continue
         replacement = _parallel_twin(module, _style(plan, name), dtype, device, shape, tp_group)
