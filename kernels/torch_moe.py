@@ -31,9 +31,8 @@ def grouped_mm_expert_gemm(a: torch.Tensor, a_rows: torch.Tensor, w: torch.Tenso
     rows = F.grouped_mm(a[a_rows[order]], w.transpose(1, 2), offs=offsets)
     # grouped_mm leaves the rows past the last group uninitialised.
     rows = rows.masked_fill((key[order] == num_experts).unsqueeze(1), 0)
-    out = torch.empty_like(rows)
-    out[order] = rows
-    return out
+    # index_copy_, not ``out[order] = rows``: CPU index_put took 3.5 ms (median 8 ms under load) for 2 rows.
+    return torch.empty_like(rows).index_copy_(0, order, rows)
 
 
 def reference_expert_gemm(a: torch.Tensor, a_rows: torch.Tensor, w: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
