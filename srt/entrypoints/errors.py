@@ -7,21 +7,19 @@ import logging
 from typing import Any
 
 import orjson
+import starlette.responses
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
 from srt.runtime.generate_request import InvalidRequestError, ServerOverloadedError
 from srt.tokenizer_manager.manager import RuntimeDiedError
 
 logger = logging.getLogger(__name__)
 
 
-class JSONResponse(Response):
-    """JSON rendered with orjson (FastAPI's own ORJSONResponse is deprecated)."""
-
-    media_type = "application/json"
+class JSONResponse(starlette.responses.JSONResponse):
+    """JSON rendered with orjson (FastAPI's own ORJSONResponse is deprecated). A JSONResponse
+    to FastAPI, so the schema shows each route's body model rather than a string."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -31,6 +29,7 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "service_unavailable",
 }
