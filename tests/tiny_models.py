@@ -51,6 +51,8 @@ ARCHITECTURES: dict[str, dict] = {
     },
     "phi3": {"num_key_value_heads": 4, "pad_token_id": 0},
     "olmo2": {},
+    # Attention sinks, alternating sliding-window layers, MoE experts with biases.
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 6},
 }
 
 # Architectures whose checkpoints transformers converts when it loads them: save_pretrained

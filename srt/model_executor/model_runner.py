@@ -9,7 +9,7 @@ import torch
 from transformers import GenerationConfig
 
 from srt.layers.attention.base import create_attention_backend
-from srt.layers.attention.interface import AttentionContext
+from srt.layers.attention.interface import AttentionContext, UnsupportedAttention
 from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_executor.forward_batch import ForwardBatch
@@ -70,15 +70,29 @@ class ModelRunner:
         """(layers, kv heads, head dim, v head dim) of this rank, as the model really produces them.
 
         One token goes through the model with a cache that only records shapes, so TP
-        plans that shard, replicate or gather K/V need no special cases here.
+        plans that shard, replicate or gather K/V need no special cases here. The same
+        forward is where a model is refused for attention srt does not implement (the
+        attention function raises on it), at start-up rather than while serving.
         """
         probe = _KVShapeProbe()
         one = torch.zeros(1, dtype=torch.int64, device=self.device)
         batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), kv_cache=None)  # type: ignore[arg-type]
-        with self.attention.running(batch, backend=probe):
-            self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
+        try:
+            with self.attention.running(batch, backend=probe):
+                self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
+        except UnsupportedAttention as e:
+            raise ValueError(f"{type(self.model).__name__} cannot be served by srt: {e}") from e
+        layers = getattr(self.config.get_text_config(), "num_hidden_layers", None)
+        if layers is not None and sorted(probe.shapes) != list(range(layers)):
+            # A layer that never reaches the attention interface mixes tokens some other way
+            # (a recurrent or convolutional mixer) that would need state kept per request.
+            silent = sorted(set(range(layers)) - set(probe.shapes))
+            raise ValueError(
+                f"{type(self.model).__name__}: layers {silent[:8]} do not attend through transformers' attention "
+                "interface (recurrent or convolutional token mixers?); srt has no per-request recurrent-state pool"
+            )
         shapes = set(probe.shapes.values())
-        if len(shapes) != 1 or sorted(probe.shapes) != list(range(len(probe.shapes))):
+        if len(shapes) != 1:
             raise ValueError(f"layers with different K/V shapes are not supported: {probe.shapes}")
         kv_heads, head_dim, v_head_dim = shapes.pop()
         return len(probe.shapes), kv_heads, head_dim, v_head_dim
