@@ -60,6 +60,9 @@ class AttentionContext:
             self.batch, self.backend = outer
 
 
+_NOT_PASSED = object()
+
+
 class UnsupportedAttention(NotImplementedError):
     """The model asks its attention for something srt does not compute (raised by the
     model runner's start-up probe forward, so a model is refused before it serves)."""
@@ -99,7 +102,7 @@ def srt_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
-    sliding_window: int | None = None,
+    sliding_window: int | None | object = _NOT_PASSED,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
     **kwargs: object,
@@ -115,7 +118,9 @@ def srt_attention(
         raise RuntimeError("the srt attention ran outside a forward context (call the model through ModelRunner)")
     layer = module.layer_idx
     backend.store(batch, layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    if sliding_window is None:
+    if sliding_window is _NOT_PASSED:
+        # Only a model that never passes the keyword falls back to its module's attribute: one
+        # that passes None for its full-attention layers (Exaone 4) keeps the attribute set on all.
         sliding_window = getattr(module, "sliding_window", None)
     if scaling is None:
         scaling = module.scaling
