@@ -104,6 +104,11 @@ def shrunk_config_kwargs(model_type: str) -> dict[str, Any]:
     for name, value in _TINY_WHERE_PRESENT.items():
         if getattr(default, name, None) is not None:
             kwargs[name] = value
+    if getattr(default, "num_key_value_heads", None) == getattr(default, "num_attention_heads", None):
+        kwargs["num_key_value_heads"] = HEADS  # multi-head attention stays so (MLA needs it)
+    rope = getattr(default, "qk_rope_head_dim", None)
+    if rope is not None and getattr(default, "head_dim", None) == rope:  # MLA: head_dim is the rotary part
+        kwargs["head_dim"] = _TINY_WHERE_PRESENT["qk_rope_head_dim"]
     if getattr(default, "sliding_window", None) is not None:
         kwargs["sliding_window"] = SLIDING_WINDOW
     # Sizes stated a second time under another name (d_ff, ffn_dim, ...): the same tiny value.
