@@ -17,6 +17,7 @@ Each type runs in its own subprocess, so a crash or a hang costs only that type.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -26,8 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,8 +112,11 @@ def sweep_one(model_type: str, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"sweep-{model_type}-") as workdir:
         result_path = os.path.join(workdir, "result.json")
         command = [sys.executable, os.path.abspath(__file__), "--one", model_type, "--result", result_path]
-        # Its own process group: on a timeout the Engine's children go down with it.
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        tag = uuid.uuid4().hex  # in the environment of every process the type starts, orphans included
+        env = {**os.environ, _TAG: tag}
+        child = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+        )
         try:
             _, stderr = child.communicate(timeout=timeout)
             if os.path.exists(result_path):
@@ -118,10 +125,47 @@ def sweep_one(model_type: str, timeout: float) -> dict[str, Any]:
             else:
                 result = {"outcome": "crash", "reason": _last_error(stderr) or f"exit status {child.returncode}"}
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
             result = {"outcome": "timeout", "reason": f"over {timeout:.0f}s"}
+        finally:
+            kill_tree(child, tag)
     return {"model_type": model_type, **result, "seconds": round(time.perf_counter() - start, 1)}
+
+
+_TAG = "SRT_SWEEP_TAG"
+
+
+def _tagged(tag: str) -> list[psutil.Process]:
+    """Processes whose environment carries ``tag``: the type's, whichever parent or session they ended up in."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(_TAG) == tag:
+                found.append(proc)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def kill_tree(child: subprocess.Popen, tag: str) -> None:
+    """Kill the type's subprocess and everything it started: its descendants (the Engine's
+    children run in sessions of their own, so its process group does not reach them), each
+    one's process group, and any process still carrying ``tag`` (orphaned, reparented away)."""
+    procs = []
+    if child.poll() is None:  # not reaped yet, so its pid is still its own
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    procs += _tagged(tag)
+    own_group = os.getpgid(0)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if (group := os.getpgid(proc.pid)) != own_group:
+                os.killpg(group, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+    child.communicate()
+    if left := _tagged(tag):
+        print(f"could not kill {[p.pid for p in left]}", file=sys.stderr)
 
 
 def causal_lm_types() -> list[str]:
