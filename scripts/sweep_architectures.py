@@ -8,7 +8,8 @@ Each type runs in its own subprocess, so a crash or a hang costs only that type.
   ok             srt's tokens equal transformers' (a divergence only at an exact near-tie)
   mismatch       srt served other tokens: a bug
   refused        srt would not start the model, saying why
-  not-buildable  transformers itself cannot build or run the tiny model
+  not-buildable  transformers itself cannot build or run the type, tiny or at its own ratios
+                 (proportional shrink), and srt's layer check does not refuse it first
   error / timeout / crash   anything else
 
     python scripts/sweep_architectures.py [--types llama,gpt_oss] [--jobs 2] [--timeout 300] [--json out.json]
@@ -80,18 +81,32 @@ def run_one(model_type: str, workdir: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import srt
+    from srt.model_loader.config import refuse_unsupported_layers
     from tiny_builder import save_tiny_model, tiny_config
 
+    # The tiny shrink first; where transformers rejects it, the proportional one (the type's own
+    # ratios), so that not-buildable means transformers cannot build or run the type at all.
+    errors, config = [], None
+    for shrink in ("tiny", "proportional"):
+        model_dir = os.path.join(workdir, shrink)
+        try:
+            config = tiny_config(model_type, proportional=shrink == "proportional")
+            save_tiny_model(config, model_dir)
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+            with torch.inference_mode():
+                expected = [_reference_greedy(reference.eval(), p) for p in prompts()]
+            break
+        except Exception as e:  # noqa: BLE001 (any failure of transformers' own is the outcome)
+            errors.append(f"{shrink}: {type(e).__name__}: {str(e)[:300]}")
+    else:
+        try:  # srt would refuse it for its layer kinds anyway: that is the outcome that matters to srt
+            if config is not None:
+                refuse_unsupported_layers(config)
+        except ValueError as e:
+            return {"outcome": "refused", "reason": f"{e} (transformers fails too: {errors[-1]})"}
+        return {"outcome": "not-buildable", "reason": f"transformers fails at both shrinks; {'; '.join(errors)}"}
     try:
-        config = tiny_config(model_type)
-        save_tiny_model(config, workdir)
-        reference = AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32, attn_implementation="eager").eval()
-        with torch.inference_mode():
-            expected = [_reference_greedy(reference, p) for p in prompts()]
-    except Exception as e:  # noqa: BLE001 (any failure of transformers' own is the outcome)
-        return {"outcome": "not-buildable", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
-    try:
-        engine = srt.Engine(model_path=workdir, dtype="float32", max_total_tokens=1024, max_prefill_tokens=24)
+        engine = srt.Engine(model_path=model_dir, dtype="float32", max_total_tokens=1024, max_prefill_tokens=24)
     except Exception as e:  # noqa: BLE001
         return {"outcome": "refused", "reason": _last_error(str(e))}
     try:

@@ -2,14 +2,18 @@
 
 ``shrunk_config_kwargs`` shrinks a model type's default config generically (no table per
 type): it reads which size fields the default config has and sets each to a tiny value,
-so a new architecture in transformers is covered as soon as it is installed. Weights are
+so a new architecture in transformers is covered as soon as it is installed. Where the
+tiny sizes break a type's own constraints, ``proportional_config_kwargs`` divides its widths
+and head counts by one factor instead, keeping their ratios. Weights are
 drawn with a large ``initializer_range`` so that logits are well spread and greedy choices
 are not decided by rounding noise. The tests (tests/tiny_models.py) build through here too.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -97,13 +101,58 @@ def _shrink_layer_lists(default: PretrainedConfig, kwargs: dict[str, Any]) -> No
             kwargs[name] = "".join(picked) if isinstance(value, str) else type(value)(picked)
 
 
+# Fields that count or size experts: cut in the proportional shrink too.
+_EXPERT_FIELDS = frozenset(
+    {"num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "n_shared_experts"}
+)
+# Head counts and widths (by name), divided by one factor in the proportional shrink; per-head sizes are not.
+_HEAD_COUNT = re.compile(r"(heads|n_head)$")
+_WIDTH = re.compile(r"hidden_size|intermediate|d_model|n_embd|n_inner|ffn|d_ff|d_ssm|d_inner")
+_WIDTHS_AND_HEADS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def _settable(default: PretrainedConfig, name: str) -> bool:
+    """Present (not None) and not a read-only property computed from other fields (Falcon's head_dim)."""
+    prop = getattr(type(default), name, None)
+    return getattr(default, name, None) is not None and not (isinstance(prop, property) and prop.fset is None)
+
+
+def _set_experts(default: PretrainedConfig, kwargs: dict[str, Any], fields: Any) -> None:
+    for name in fields:
+        if _settable(default, name):
+            kwargs[name] = _TINY_WHERE_PRESENT[name]
+    # A routed model whose default leaves top-k unset (None) would route to no expert at all.
+    if any(name in kwargs for name in _EXPERT_FIELDS) and hasattr(default, "num_experts_per_tok"):
+        kwargs["num_experts_per_tok"] = _TINY_WHERE_PRESENT["num_experts_per_tok"]
+
+
+def proportional_config_kwargs(model_type: str) -> dict[str, Any]:
+    """A gentler shrink, for a type whose tiny config transformers rejects: every head count and
+    width divided by one factor (the type's own ratios between them kept, and its per-head sizes),
+    only layers, vocabulary and experts cut as in the tiny one."""
+    default = _text_config(AutoConfig.for_model(model_type))
+    fields = {
+        name: value
+        for name, value in vars(default).items()
+        if not name.startswith("_") and type(value) is int and value > 1 and (_HEAD_COUNT.search(name) or _WIDTH.search(name))
+    }
+    common = math.gcd(*fields.values()) if fields else 1
+    most = max(1, getattr(default, "num_attention_heads", HEADS) // HEADS)
+    factor = max(d for d in range(1, most + 1) if common % d == 0)
+    kwargs = {k: v for k, v in COMMON.items() if k not in {"num_hidden_layers", *_WIDTHS_AND_HEADS}}
+    kwargs.update({name: value // factor for name, value in fields.items()})
+    _set_experts(default, kwargs, _EXPERT_FIELDS)
+    if getattr(default, "sliding_window", None) is not None:
+        kwargs["sliding_window"] = SLIDING_WINDOW
+    _shrink_layer_lists(default, kwargs)
+    return kwargs
+
+
 def shrunk_config_kwargs(model_type: str) -> dict[str, Any]:
     """Config keyword arguments that make ``model_type`` tiny (for ``AutoConfig.for_model``)."""
     default = _text_config(AutoConfig.for_model(model_type))
     kwargs = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
-    for name, value in _TINY_WHERE_PRESENT.items():
-        if getattr(default, name, None) is not None:
-            kwargs[name] = value
+    _set_experts(default, kwargs, _TINY_WHERE_PRESENT)
     if getattr(default, "num_key_value_heads", None) == getattr(default, "num_attention_heads", None):
         kwargs["num_key_value_heads"] = HEADS  # multi-head attention stays so (MLA needs it)
     rope = getattr(default, "qk_rope_head_dim", None)
@@ -121,9 +170,11 @@ def shrunk_config_kwargs(model_type: str) -> dict[str, Any]:
     return kwargs
 
 
-def tiny_config(model_type: str, **overrides: Any) -> PretrainedConfig:
-    """``model_type``'s config shrunk to a tiny model, ``overrides`` on top."""
-    kwargs = {**shrunk_config_kwargs(model_type), **overrides}
+def tiny_config(model_type: str, proportional: bool = False, **overrides: Any) -> PretrainedConfig:
+    """``model_type``'s config shrunk to a tiny model (``proportional``: to a small one, its
+    ratios kept; see ``proportional_config_kwargs``), ``overrides`` on top."""
+    shrink = proportional_config_kwargs if proportional else shrunk_config_kwargs
+    kwargs = {**shrink(model_type), **overrides}
     config = AutoConfig.for_model(model_type)
     if _text_config(config) is not config:  # a composite config: the sizes are its text model's
         return AutoConfig.for_model(model_type, text_config=kwargs)
