@@ -18,6 +18,7 @@ CASES = {
     "phi3": {},  # fused qkv / gate_up: its plan gathers them and splits the input of o_proj / down_proj
     "llama-kv1": {"num_key_value_heads": 1},  # one KV head shared by both ranks
     "qwen3_moe": {},  # attention split, the fused experts whole on each rank
+    "granite_swa": {"sliding_window": 6},  # attention sinks split with the heads
 }
 
 

@@ -3,13 +3,12 @@
 * Attention and dense MLP projections named by the plan are split; the fused 3-D weights
   of an MoE experts module (``moe_tp_experts``) are kept whole on every rank, which is
   exact: the experts get the full hidden states and return full outputs.
-* A plan that splits a bare parameter next to split projections (attention sinks, one
-  value per head) is refused: kept whole there, it would pair heads with the wrong sinks.
+* A bare parameter the plan splits next to split projections (attention sinks, one value
+  per head) is split with them, so each rank keeps the sinks of its own heads.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -48,6 +47,10 @@ def test_shared_experts_are_split_like_a_dense_mlp() -> None:
     assert mlp.experts.gate_up_proj.shape == (4, 2 * 32, 64)
 
 
-def test_a_split_bare_parameter_next_to_split_heads_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"splits parameter model\.layers\.0\.self_attn\.sinks \('colwise'\)"):
-        _rank0_model("granite_swa")
+def test_attention_sinks_are_split_with_the_heads() -> None:
+    attention = _rank0_model("granite_swa").model.layers[0].self_attn
+    assert isinstance(attention.q_proj, ColumnParallelLinear) and attention.q_proj.weight.shape == (32, 64)
+    assert attention.sinks.shape == (2,)  # 4 heads, 2 on this rank
+    shard = torch.nn.Parameter(torch.empty(2), requires_grad=False)  # the model's is still on the meta device
+    attention.sinks.weight_loader(shard, torch.arange(4.0))
+    assert shard.tolist() == [0.0, 1.0]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from srt.layers.weight_shards import read_full, shape_of
-from srt.model_loader.config import model_shape, refuse_quantized
+from srt.model_loader.config import model_shape, refuse_quantized, refuse_unsupported_layers
 from srt.model_loader.tp_plan import apply_tp_plan
 from srt.model_loader.weight_mapping import checkpoint_targets, converted_tensors, plan_loads
 from srt.platform.distributed import TPGroup
@@ -44,6 +44,7 @@ def load_model(
     """The model with this rank's weights, in eval mode, its attention the registered
     ``attn_implementation`` (an ``AttentionContext``'s name)."""
     refuse_quantized(config)
+    refuse_unsupported_layers(config)
     config._attn_implementation = attn_implementation
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
     # computed for real by the modules' own constructors.
