@@ -48,13 +48,17 @@ def load_model(
     config._attn_implementation = attn_implementation
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
     # computed for real by the modules' own constructors.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    not_routed = "does not route its attention through transformers' attention interface"
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except KeyError as e:
+        if e.args != (attn_implementation,):
+            raise
+        # The model picks an attention class of its own by name while it is built (Falcon).
+        raise ValueError(f"{config.model_type} {not_routed} (it has no attention for {attn_implementation!r})") from e
     if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(model).__name__} does not route its attention through transformers' attention interface "
-            "(_supports_attention_backend is False), so srt cannot serve it"
-        )
+        raise ValueError(f"{type(model).__name__} {not_routed} (_supports_attention_backend is False), so srt cannot serve it")
     model.config._attn_implementation = attn_implementation
     apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group)
     _materialize(model, device)
