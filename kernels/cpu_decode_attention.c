@@ -13,7 +13,9 @@
  *
  * Scores are scaling * q.k, soft-capped to softcap * tanh(s / softcap) when softcap > 0;
  * with window > 0 the query at position p sees keys p - window < j <= p. Query head h
- * reads KV head h / (heads / kv_heads). q and out are contiguous float32 [B, H, D] /
+ * reads KV head h / (heads / kv_heads). With sinks (non-NULL, float32 [H]), sinks[h] is one more
+ * logit in head h's softmax denominator that carries no value (gpt-oss attention sinks);
+ * it is added once, when the spans are merged. q and out are contiguous float32 [B, H, D] /
  * [B, H, Dv]; K/V are float32 or bfloat16 rows [slots, H_kv, D] with a contiguous
  * [H_kv, D] block per slot.
  */
@@ -143,7 +145,7 @@ int srt_decode_attention(
     int64_t k_stride_slot, int64_t v_stride_slot,
     const int64_t *req_to_token, int64_t table_stride, const int64_t *rows, const int64_t *seq_lens,
     int batch, int heads, int kv_heads, int head_dim, int v_head_dim,
-    float scaling, float softcap, int64_t window, int64_t span_len)
+    float scaling, float softcap, int64_t window, int64_t span_len, const float *sinks)
 {
     const Problem p = {q, k_buffer, v_buffer, is_bf16, k_stride_slot, v_stride_slot,
                        heads, heads / kv_heads, head_dim, v_head_dim, scaling, softcap};
@@ -192,13 +194,14 @@ int srt_decode_attention(
             for (int64_t bh = 0; bh < (int64_t)batch * heads; bh++) {
                 if (failed) continue;
                 int rb = (int)(bh / heads), h = (int)(bh % heads);
-                float m = -INFINITY, total = 0.f;
+                float m = sinks ? sinks[h] : -INFINITY, total = 0.f;
                 for (int64_t t = first_task[rb]; t < first_task[rb + 1]; t++) {
                     float mt = partial[per_task * (size_t)t + (size_t)heads * v_head_dim + h];
                     m = mt > m ? mt : m;
                 }
                 float *o = out + bh * v_head_dim;
                 memset(o, 0, sizeof(float) * v_head_dim);
+                if (sinks) total = expf(sinks[h] - m);
                 for (int64_t t = first_task[rb]; t < first_task[rb + 1]; t++) {
                     const float *acc = partial + per_task * (size_t)t;
                     float w = expf(acc[(size_t)heads * v_head_dim + h] - m);

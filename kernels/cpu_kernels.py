@@ -38,6 +38,7 @@ _DECODE_ARGTYPES = [
     _ptr, _i64, _ptr, _ptr,  # req_to_token, its row stride, rows, seq_lens
     _i32, _i32, _i32, _i32, _i32,  # batch, heads, kv_heads, head_dim, v_head_dim
     _f32, _f32, _i64, _i64,  # scaling, softcap, window, span_len
+    _ptr,  # sinks (NULL for none)
 ]  # fmt: skip
 # Each request's keys are cut into spans of at least this many positions, and into
 # enough spans for about this many tasks per thread (load balance at small batch).
@@ -120,10 +121,12 @@ def decode_attention(
     scaling: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per request, ``q [B, H, D]``, over the request's ``seq_lens[b]``
     keys at KV slots ``req_to_token[rows[b], :seq_lens[b]]`` of ``k_buffer / v_buffer
-    [slots, H_kv, D]`` (float32 or bfloat16). Returns ``[B, H, Dv]`` in ``q``'s dtype."""
+    [slots, H_kv, D]`` (float32 or bfloat16), with ``sinks [H]`` (attention sinks) in each
+    head's softmax denominator when given. Returns ``[B, H, Dv]`` in ``q``'s dtype."""
     library = _library()
     if library is None:
         raise RuntimeError("the CPU attention kernel could not be built")
@@ -140,6 +143,7 @@ def decode_attention(
     out = torch.empty(batch, heads, v_head_dim, dtype=torch.float32)
     rows = rows.to(torch.int64).contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
+    sinks32 = None if sinks is None else sinks.to(torch.float32).contiguous()
     status = library.srt_decode_attention(
         q32.data_ptr(), out.data_ptr(),
         k_buffer.data_ptr(), v_buffer.data_ptr(), int(k_buffer.dtype == torch.bfloat16),
@@ -147,6 +151,7 @@ def decode_attention(
         req_to_token.data_ptr(), req_to_token.stride(0), rows.data_ptr(), seq_lens.data_ptr(),
         batch, heads, kv_heads, head_dim, v_head_dim,
         scaling, softcap or 0.0, sliding_window or 0, span_len,
+        None if sinks32 is None else sinks32.data_ptr(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its scratch memory")

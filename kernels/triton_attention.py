@@ -15,7 +15,9 @@ per-layer buffers ``[slots, kv_heads, head_dim]``.
 
 Scores are ``scaling * q.k``, soft-capped to ``softcap * tanh(score / softcap)`` when asked,
 then masked: key ``j`` is seen by query ``i`` iff ``j <= i`` and ``i - j < sliding_window``.
-Query head ``h`` reads KV head ``h // (heads / kv_heads)``. Inputs may be fp16, bf16 or
+Query head ``h`` reads KV head ``h // (heads / kv_heads)``. Attention sinks (``sinks [H]``,
+gpt-oss) add one value-less logit per head to the softmax denominator: the extend kernel
+starts its online softmax from it, the decode kernel adds it once when merging chunks. Inputs may be fp16, bf16 or
 fp32: tiles are cast to fp32 right after loading (the CPU interpreter gets bf16
 arithmetic wrong, and fp32 is what the references compute in) and results are cast to
 the output dtype when stored. Head dims need not be powers of two: ``BLOCK_D`` is the
@@ -71,21 +73,9 @@ def _decode_partial_kernel(
     Seq_lens,  # [B]
     Mid_O,  # [B, H, NUM_SPLITS, D] fp32
     Mid_Lse,  # [B, H, NUM_SPLITS] fp32
-    scaling,
-    softcap,
-    window,
-    stride_qb,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_req,
-    stride_mob,
-    stride_moh,
-    stride_mos,
-    stride_mlb,
-    stride_mlh,
+    scaling, softcap, window,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_req,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_BLOCKS: tl.constexpr,  # cdiv(GROUP, BLOCK_H)
     HEAD_DIM: tl.constexpr,
@@ -151,19 +141,16 @@ def _decode_merge_kernel(
     Mid_O,
     Mid_Lse,
     Out,  # [B, H, D]
-    stride_mob,
-    stride_moh,
-    stride_mos,
-    stride_mlb,
-    stride_mlh,
-    stride_ob,
-    stride_oh,
+    Sinks,  # [H], read only with USE_SINKS
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_SINKS: tl.constexpr,
 ):
-    """Program (b, h): weight each chunk's output by its share exp(lse - logsumexp(lse))."""
+    """Program (b, h): weight each chunk's output by its share exp(lse - logsumexp(lse)) of the
+    denominator, which also holds the head's sink logit."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -172,10 +159,17 @@ def _decode_merge_kernel(
     mask_d = offs_d < HEAD_DIM
 
     lse = tl.load(Mid_Lse + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
-    weights = tl.exp(lse - tl.max(lse, 0))
+    m = tl.max(lse, 0)
+    if USE_SINKS:
+        sink = tl.load(Sinks + h).to(tl.float32)
+        m = tl.maximum(m, sink)
+    weights = tl.exp(lse - m)
+    denominator = tl.sum(weights, 0)
+    if USE_SINKS:
+        denominator += tl.exp(sink - m)
     o_ptrs = Mid_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
     o = tl.load(o_ptrs, mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(weights[:, None] * o, 0) / tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * o, 0) / denominator
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 
@@ -189,6 +183,7 @@ def decode_attention(
     scaling: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     *,
     num_kv_splits: int = 8,
     block_n: int = 64,
@@ -225,11 +220,11 @@ def decode_attention(
         num_warps=4, num_stages=2,
     )  # fmt: skip
     _decode_merge_kernel[(batch, heads)](
-        mid_o, mid_lse, out,
+        mid_o, mid_lse, out, q if sinks is None else sinks,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
-        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=block_d, USE_SINKS=sinks is not None,
         num_warps=4,
     )  # fmt: skip
     return out
@@ -254,24 +249,16 @@ def _extend_kernel(
     Prefix_lens,  # [B] tokens already cached before this forward
     Extend_lens,  # [B] new tokens
     Extend_starts,  # [B] row of each request's first new token in Q
-    scaling,
-    softcap,
-    window,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    stride_req,
+    Sinks,  # [H], read only with USE_SINKS
+    scaling, softcap, window,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_req,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (b, h, block_m): new tokens [block_m * BLOCK_M, +BLOCK_M) of request b, one head, flash-attention style."""
@@ -302,6 +289,9 @@ def _extend_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if USE_SINKS:  # the sink is the softmax's first logit, exp(sink - sink) = 1, with a zero value
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + head).to(tl.float32)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for block_start in range(lo, hi, BLOCK_N):
         k_pos = block_start + tl.arange(0, BLOCK_N)
@@ -342,6 +332,7 @@ def extend_attention(
     scaling: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -367,12 +358,12 @@ def extend_attention(
 
     _extend_kernel[(batch, heads, triton.cdiv(max_extend_len, block_m))](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_starts,
-        scaling, softcap or 0.0, _window(sliding_window),
+        q if sinks is None else sinks, scaling, softcap or 0.0, _window(sliding_window),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
         GROUP=heads // k_buffer.shape[1], HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_SOFTCAP=bool(softcap), DOT_PRECISION=_dot_precision(q, k_buffer, v_buffer),
+        USE_SOFTCAP=bool(softcap), USE_SINKS=sinks is not None, DOT_PRECISION=_dot_precision(q, k_buffer, v_buffer),
         num_warps=4, num_stages=1,
     )  # fmt: skip
     return out

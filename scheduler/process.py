@@ -15,6 +15,7 @@ from srt.model_executor.model_runner import ModelRunner
 from srt.model_loader.tokenizer import load_tokenizer
 from srt.platform.device import resolve_device
 from srt.platform.distributed import TPGroup, init_tp_group
+from srt.platform.host_memory import fix_mmap_threshold
 from srt.runtime.child import ChildSpec
 from srt.runtime.codec import decode, encode
 from srt.runtime.ipc import Receiver, Sender
@@ -36,6 +37,7 @@ _IDLE_HEARTBEAT_MS = 1000
 
 
 def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None:
+    fix_mmap_threshold()  # before the first large allocation
     args, options = spec.server_args, spec.options
     tp_rank, gpu_id = options["tp_rank"], options["gpu_id"]
     torch.set_num_threads(options["num_threads"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
 import typing
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ class ServerArgs:
     random_seed: int | None = None
 
     # Memory and scheduling
-    mem_fraction_static: float | None = field(default=None, metadata={"help": "fraction of device memory for weights + KV cache (default 0.88 on CUDA, 0.25 of available RAM on CPU)"})
+    mem_fraction_static: float | None = field(default=None, metadata={"help": "fraction of device memory for weights + KV cache (default 0.88 on CUDA, on CPU the KV cache gets 0.25 of available RAM, shared by the ranks on the host)"})
     max_total_tokens: int | None = field(default=None, metadata={"help": "cap on KV cache slots"})
     max_running_requests: int | None = None
     max_prefill_tokens: int = 16384
@@ -74,6 +73,9 @@ class ServerArgs:
     max_logprobs: int = field(default=20, metadata={"help": "top logprobs per token a request may ask for (vLLM's name)"})
     max_logit_bias_entries: int = field(default=1024, metadata={"help": "tokens one request's logit_bias may name"})
     max_queued_requests: int = field(default=4096, metadata={"help": "generations in flight; beyond it 503 with Retry-After"})
+    timeout_keep_alive: float = field(default=5, metadata={"help": "seconds an idle keep-alive connection stays open (uvicorn's)"})
+    timeout_header_read: float = field(default=30, metadata={"help": "seconds a client has to send a request's headers"})
+    timeout_body_read: float = field(default=60, metadata={"help": "seconds a client has to send a request's body; then 408"})
 
     # Logging
     log_level: str = "info"
@@ -109,7 +111,8 @@ class ServerArgs:
             f"ep_size={self.ep_size} must divide tp_size={self.tp_size}: expert-parallel groups are made of the TP group's ranks",
         )
         require(self.dp_size >= 1, f"dp_size must be >= 1, got {self.dp_size}")
-        for name in ("max_request_body_bytes", "max_prompts_per_request", "max_logprobs", "max_logit_bias_entries", "max_queued_requests"):
+        for name in ("max_request_body_bytes", "max_prompts_per_request", "max_logprobs", "max_logit_bias_entries", "max_queued_requests",
+                     "timeout_keep_alive", "timeout_header_read", "timeout_body_read"):  # fmt: skip
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(self.tp_size % self.nnodes == 0, f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes}")
         require(self.nnodes == 1 or self.dist_init_addr, "--dist-init-addr host:port is required with --nnodes > 1")

@@ -23,6 +23,7 @@ CASES = {
     "llama-kv1": {"num_key_value_heads": 1},  # one KV head shared by both ranks
     "qwen3_moe": {},  # attention split, every expert's intermediate dimension split
     "deepseek_v3": {},  # routed experts split by srt, shared experts by the model's plan: each reduced once
+    "granite_swa": {"sliding_window": 6},  # attention sinks split with the heads
 }
 
 

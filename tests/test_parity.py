@@ -95,10 +95,3 @@ def test_model_without_attention_backend_is_refused(tmp_path):
     byte_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="BloomForCausalLM does not route its attention"):
         srt.Engine(model_path=str(tmp_path), max_total_tokens=64)
-
-
-def test_model_with_attention_sinks_is_refused(tmp_path):
-    # Sinks change the attention weights; an attention that ignored them would answer, wrongly.
-    model_dir = build_tiny_model("granite_swa", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"GraniteSWAAttention uses attention sinks \(s_aux\)"):
-        srt.Engine(model_path=model_dir, max_total_tokens=64)

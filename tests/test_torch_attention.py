@@ -14,10 +14,13 @@ from srt.layers.attention.torch_backend import TorchAttentionBackend, _KernelDec
 from srt.mem_cache.memory_pool import KVCache
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
+# Attention sinks (one logit per head), large enough to take a visible share of the softmax.
+SINKS = torch.tensor([2.0, -1.0, 0.5, 4.0])
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window, softcap, scaling) -> torch.Tensor:
-    """One query at position ``pos`` over keys ``[L, H_kv, D]`` at positions 0..L-1, written out plainly."""
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, window, softcap, scaling, sinks=None) -> torch.Tensor:
+    """One query at position ``pos`` over keys ``[L, H_kv, D]`` at positions 0..L-1, written out plainly;
+    ``sinks [H]`` join each head's softmax as value-less logits."""
     k = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
     v = v.repeat_interleave(HEADS // KV_HEADS, dim=1)
     scores = torch.einsum("hd,lhd->hl", q, k) * scaling
@@ -28,6 +31,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, windo
     if window is not None:
         allowed &= pos - key_pos < window
     scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        return torch.einsum("hl,lhd->hd", torch.softmax(torch.cat([scores, sinks[:, None]], -1), -1)[:, :-1], v)
     return torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
 
 
@@ -60,20 +65,22 @@ def decode_batch(shared_len: int) -> tuple[ForwardBatch, list[int]]:
     return batch, seq_lens
 
 
-def assert_matches_reference(backend: TorchAttentionBackend, batch: ForwardBatch, seq_lens: list[int], window, softcap) -> None:
+def assert_matches_reference(
+    backend: TorchAttentionBackend, batch: ForwardBatch, seq_lens: list[int], window, softcap, sinks=None
+) -> None:
     q = torch.randn(3, HEADS, DIM)
-    out = backend.forward(q, 0, batch, DIM**-0.5, window, softcap)
+    out = backend.forward(q, 0, batch, DIM**-0.5, window, softcap, sinks)
     k_buffer, v_buffer = batch.kv_cache.k_buffers[0], batch.kv_cache.v_buffers[0]
     for r, s in enumerate(seq_lens):
         slots = batch.req_to_token[r, :s]
-        want = reference(q[r], k_buffer[slots], v_buffer[slots], s - 1, window, softcap, DIM**-0.5)
+        want = reference(q[r], k_buffer[slots], v_buffer[slots], s - 1, window, softcap, DIM**-0.5, sinks)
         torch.testing.assert_close(out[r], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("use_cpu_kernel", [True, False])
 @pytest.mark.parametrize("shared_len", [0, 70, 100])
-@pytest.mark.parametrize("window,softcap", [(None, None), (30, None), (None, 3.0)])
-def test_decode_batch_matches_per_request_attention(use_cpu_kernel, shared_len, window, softcap):
+@pytest.mark.parametrize("window,softcap,sinks", [(None, None, None), (30, None, None), (None, 3.0, None), (30, None, SINKS)])
+def test_decode_batch_matches_per_request_attention(use_cpu_kernel, shared_len, window, softcap, sinks):
     batch, seq_lens = decode_batch(shared_len)
     backend = TorchAttentionBackend(use_cpu_kernel)
     backend.prepare(batch)
@@ -81,7 +88,7 @@ def test_decode_batch_matches_per_request_attention(use_cpu_kernel, shared_len, 
         assert isinstance(batch.attn_metadata.decode, _KernelDecode)
     else:  # without the kernel, or with a shared prefix that cascade attention does as one GEMM
         assert batch.attn_metadata.decode.shared_slots.numel() == shared_len
-    assert_matches_reference(backend, batch, seq_lens, window, softcap)
+    assert_matches_reference(backend, batch, seq_lens, window, softcap, sinks)
 
 
 def test_without_a_compiler_the_backend_gathers(monkeypatch, tmp_path):
@@ -102,8 +109,8 @@ def test_without_a_compiler_the_backend_gathers(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
-@pytest.mark.parametrize("window,softcap", [(None, None), (50, None), (None, 4.0)])
-def test_cpu_kernel_matches_reference_on_scattered_slots(dtype, heads, kv_heads, window, softcap):
+@pytest.mark.parametrize("window,softcap,with_sinks", [(None, None, False), (50, None, False), (None, 4.0, False), (50, None, True)])
+def test_cpu_kernel_matches_reference_on_scattered_slots(dtype, heads, kv_heads, window, softcap, with_sinks):
     """Ragged lengths (one longer than many spans, one of a single key), slots in no
     particular order, rows of req_to_token out of order, head dims not a power of two."""
     torch.manual_seed(1)
@@ -119,8 +126,29 @@ def test_cpu_kernel_matches_reference_on_scattered_slots(dtype, heads, kv_heads,
         table[row, :n] = shuffled[used : used + n]
         used += n
     q = torch.randn(len(lens), heads, dim).to(dtype)
-    out = cpu_kernels.decode_attention(q, k_buffer, v_buffer, table, rows, torch.tensor(lens), 0.2, window, softcap)
+    sinks = torch.randn(heads) * 2 if with_sinks else None
+    out = cpu_kernels.decode_attention(q, k_buffer, v_buffer, table, rows, torch.tensor(lens), 0.2, window, softcap, sinks)
     assert out.dtype == dtype and out.shape == (len(lens), heads, v_dim)
-    want = decode_attention_ref(q.float(), k_buffer.float(), v_buffer.float(), table, rows, torch.tensor(lens), 0.2, window, softcap)
+    want = decode_attention_ref(
+        q.float(), k_buffer.float(), v_buffer.float(), table, rows, torch.tensor(lens), 0.2, window, softcap, sinks
+    )
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), want, atol=tolerance, rtol=tolerance)
+
+
+def test_attention_with_sinks_is_gpt_oss_eager_attention():
+    """The reference's sinks mean what transformers' gpt-oss eager attention means by them."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from srt.kernels.torch_attention import attend
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, HEADS, 9, DIM), torch.randn(1, KV_HEADS, 9, DIM), torch.randn(1, KV_HEADS, 9, DIM)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    module = SimpleNamespace(sinks=SINKS, num_key_value_groups=HEADS // KV_HEADS, training=False)
+    additive = torch.zeros(9, 9).masked_fill(~causal, float("-inf"))[None, None]
+    want, _ = eager_attention_forward(module, q, k, v, additive, scaling=0.3)
+    got = attend(q, k, v, causal[None, None], 0.3, sinks=SINKS)
+    torch.testing.assert_close(got.transpose(1, 2), want, atol=1e-5, rtol=1e-5)

@@ -4,8 +4,8 @@
   weights of an MoE experts module: with ``ep_size`` 1 every rank holds its slice of each
   expert's intermediate dimension (gate and up rows alike); with ``ep_size`` = tp size it
   holds its share of the experts whole. Either way a rank holds half the expert bytes of 2.
-* A plan that splits a bare parameter next to split projections (attention sinks, one
-  value per head) is refused: kept whole there, it would pair heads with the wrong sinks.
+* A bare parameter the plan splits next to split projections (attention sinks, one value
+  per head) is split with them, so each rank keeps the sinks of its own heads.
 """
 
 from __future__ import annotations
@@ -81,6 +81,17 @@ def test_unsplittable_experts_are_refused(tp: int, ep: int, overrides: dict, ref
         _planned_model("olmoe", group=TPGroup(rank=0, size=tp), ep_size=ep, **overrides)
 
 
-def test_a_split_bare_parameter_next_to_split_heads_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"splits parameter model\.layers\.0\.self_attn\.sinks \('colwise'\)"):
-        _planned_model("granite_swa")
+def test_attention_sinks_are_split_with_the_heads() -> None:
+    attention = _planned_model("granite_swa").model.layers[0].self_attn
+    assert isinstance(attention.q_proj, ColumnParallelLinear) and attention.q_proj.weight.shape == (32, 64)
+    assert attention.sinks.shape == (2,)  # 4 heads, 2 on this rank
+    shard = torch.nn.Parameter(torch.empty(2), requires_grad=False)  # the model's is still on the meta device
+    attention.sinks.weight_loader(shard, torch.arange(4.0))
+    assert shard.tolist() == [0.0, 1.0]
+
+
+def test_an_expert_layout_srt_lacks_runs_transformers_eager_experts_on_one_rank_and_is_refused_on_two() -> None:
+    experts = _planned_model("gpt_oss", group=TPGroup(rank=0, size=1)).model.layers[0].mlp.experts  # expert biases
+    assert experts.config._experts_implementation == "eager" and not hasattr(experts.gate_up_proj, "weight_loader")
+    with pytest.raises(NotImplementedError, match=r"GptOssExperts has .*expert biases.*use --tp 1"):
+        _planned_model("gpt_oss")

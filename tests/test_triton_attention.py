@@ -173,6 +173,33 @@ def test_extend_attention_matches_reference(dtype, shape, mask):
     assert_within_one_ulp(out, expected)
 
 
+@pytest.mark.parametrize("window", [None, 8], ids=["full", "window8"])
+def test_kernels_with_attention_sinks_match_reference(window):
+    """Sinks join the softmax denominator once: in the extend kernel's online softmax, and in
+    the decode kernel's merge of its chunks (some of them empty)."""
+    heads, kv_heads, head_dim = SHAPES["gqa2-d80"]
+    gen = torch.Generator().manual_seed(11)
+    sinks = torch.randn(heads, generator=gen) * 2
+    prefix_lens, extend_lens = [0, 19, 30], [17, 23, 1]
+    kv = paged_kv(prefix_lens, extend_lens, kv_heads, head_dim, torch.float32, gen)
+    q = torch.randn(sum(extend_lens), heads, head_dim, generator=gen)
+    out = ops.extend_attention(
+        q, kv.k_buffer, kv.v_buffer, kv.req_to_token, kv.req_pool_indices,
+        torch.tensor(prefix_lens), torch.tensor(extend_lens), kv.extend_starts, max(extend_lens),
+        0.1, window, None, sinks, block_m=16, block_n=16,
+    )  # fmt: skip
+    expected = ops.extend_attention_ref(
+        q, kv.k_buffer, kv.v_buffer, kv.req_to_token, kv.req_pool_indices, prefix_lens, extend_lens, 0.1, window, None, sinks
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    seq_lens = [1, 40, 13]
+    kv = paged_kv([n - 1 for n in seq_lens], [1] * 3, kv_heads, head_dim, torch.float32, gen)
+    q = torch.randn(3, heads, head_dim, generator=gen)
+    args = (q, kv.k_buffer, kv.v_buffer, kv.req_to_token, kv.req_pool_indices, kv.seq_lens, 0.1, window, None, sinks)
+    torch.testing.assert_close(ops.decode_attention(*args, num_kv_splits=4, block_n=16), ops.decode_attention_ref(*args))
+
+
 STORES = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16,) * 2, "bf16": (torch.bfloat16,) * 2,
           "fp32-into-bf16": (torch.float32, torch.bfloat16), "bf16-into-fp16": (torch.bfloat16, torch.float16)}  # fmt: skip
 
@@ -211,9 +238,9 @@ BATCHES = {
 
 @pytest.mark.parametrize("prefix_lens, extend_lens", BATCHES.values(), ids=BATCHES.keys())
 def test_backend_matches_torch_backend(prefix_lens, extend_lens):
-    """Two layers (a sliding-window one and a soft-capped one) over one ForwardBatch, as the model runner drives them."""
+    """Three layers (sliding-window, soft-capped, with sinks) over one ForwardBatch, as the model runner drives them."""
     gen = torch.Generator().manual_seed(1)
-    heads, kv_heads, head_dim, num_layers = 4, 2, 48, 2
+    heads, kv_heads, head_dim, num_layers = 4, 2, 48, 3
     seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
     num_tokens = sum(extend_lens)
     cache = KVCache(
@@ -239,7 +266,8 @@ def test_backend_matches_torch_backend(prefix_lens, extend_lens):
         req_to_token=layout.req_to_token,
         kv_cache=cache,
     )
-    layers = [(0.2, 6, None), (head_dim**-0.5, None, 3.0)]  # (scaling, sliding window, soft-cap)
+    # (scaling, sliding window, soft-cap, sinks)
+    layers = [(0.2, 6, None, None), (head_dim**-0.5, None, 3.0, None), (0.3, 5, None, torch.tensor([1.0, -2.0, 3.0, 0.0]))]
     # q as transformers hands it over: [T, H, D], strided over a [H, T, D] tensor.
     queries = [torch.randn(heads, num_tokens, head_dim, generator=gen).transpose(0, 1) for _ in layers]
 

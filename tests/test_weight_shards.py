@@ -60,3 +60,13 @@ def test_a_dimension_that_does_not_split_evenly_is_refused(loaded, packed, count
 def test_shape_and_full_read(loaded):
     assert shape_of(loaded) == [8, 16]
     assert torch.equal(read_full(loaded), FULL)
+
+
+def test_a_scalar_reads_whole(tmp_path):
+    """A 0-dim parameter (a learned activation coefficient, say) cannot be sliced: it is read whole."""
+    path = str(tmp_path / "s.safetensors")
+    save_file({"s": torch.tensor(3.5)}, path)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        scalar = f.get_slice("s")
+        assert shape_of(scalar) == []
+        assert torch.equal(read_full(scalar), torch.tensor(3.5))

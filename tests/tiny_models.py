@@ -7,26 +7,13 @@ and greedy choices are not decided by rounding noise.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-VOCAB = 256
-
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    initializer_range=0.3,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from tiny_builder import COMMON as _COMMON, VOCAB, byte_tokenizer, save_tiny_model  # noqa: E402,F401 (shared with the sweep)
 
 # model_type -> config overrides; windows are shorter than the test prompts so that
 # sliding-window layers really drop keys.
@@ -51,6 +38,8 @@ ARCHITECTURES: dict[str, dict] = {
     },
     "phi3": {"num_key_value_heads": 4, "pad_token_id": 0},
     "olmo2": {},
+    # Attention sinks, alternating sliding-window layers, MoE experts with biases.
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 6},
 }
 
 # Architectures whose checkpoints transformers converts when it loads them: save_pretrained
@@ -91,36 +80,7 @@ def build_tiny_model(model_type: str, directory: str, **overrides) -> str:
     """Save a random ``model_type`` model (float32) and a byte tokenizer into ``directory``."""
     architecture = {**ARCHITECTURES, **CONVERTED_ARCHITECTURES}.get(model_type, {})
     config = AutoConfig.for_model(model_type, **{**_COMMON, **architecture, **overrides})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    _draw_learned_buffers(model, config.initializer_range)
-    os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
-
-
-@torch.no_grad()
-def _draw_learned_buffers(model: torch.nn.Module, std: float) -> None:
-    """Persistent floating-point buffers are learned state saved with the weights (DeepSeek's
-    router bias ``e_score_correction_bias``): draw them at random too, so that a loader that
-    skipped them would not match transformers."""
-    for module in model.modules():
-        for name, buf in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set and buf.is_floating_point():
-                buf.normal_(0.0, std)
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A tokenizer whose tokens are the 256 byte values, so any text round-trips."""
-    # GPT-2's byte-to-printable-character table, which the ByteLevel pre-tokenizer emits.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    chars = {b: chr(b if b in printable else next(extra)) for b in range(256)}
-    tok = Tokenizer(models.BPE({chars[b]: b for b in range(VOCAB)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chars[1], eos_token=chars[2], pad_token=chars[0])
+    return save_tiny_model(config, directory)
 
 
 def load_reference(directory: str) -> torch.nn.Module:

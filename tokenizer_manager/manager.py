@@ -28,11 +28,9 @@ from srt.runtime.messages import (
     AbortReq,
     BatchStrOut,
     BatchTokenOut,
-    FlushCacheReply,
     FlushCacheReq,
     GetInternalStateReq,
     InternalState,
-    InternalStateReply,
     ReqOutput,
     TokenizedGenerateReq,
 )
@@ -98,7 +96,7 @@ class TokenizerManager:
 
     # ---- requests in ---------------------------------------------------------------------
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
+    def tokenize(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         if self.tokenizer is None:
             raise InvalidRequestError("this server runs with --skip-tokenizer-init: send input_ids, not text", param="text")
         if not all(is_valid_unicode(text) for text in texts):
@@ -108,7 +106,7 @@ class TokenizerManager:
         max_chars = self.info.max_req_input_len * _MAX_CHARS_PER_TOKEN
         if any(len(text) > max_chars for text in texts):
             raise InvalidRequestError(f"the prompt is longer than this server accepts ({max_chars} characters)", "text")
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
 
     def check(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
         """Tokenize and validate every prompt of ``obj``; InvalidRequestError says what is wrong, and

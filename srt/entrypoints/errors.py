@@ -7,21 +7,19 @@ import logging
 from typing import Any
 
 import orjson
+import starlette.responses
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
-
 from srt.runtime.generate_request import InvalidRequestError, ServerOverloadedError
 from srt.tokenizer_manager.manager import RuntimeDiedError
 
 logger = logging.getLogger(__name__)
 
 
-class JSONResponse(Response):
-    """JSON rendered with orjson (FastAPI's own ORJSONResponse is deprecated)."""
-
-    media_type = "application/json"
+class JSONResponse(starlette.responses.JSONResponse):
+    """JSON rendered with orjson (FastAPI's own ORJSONResponse is deprecated). A JSONResponse
+    to FastAPI, so the schema shows each route's body model rather than a string."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -31,6 +29,7 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "service_unavailable",
 }
@@ -49,6 +48,7 @@ class APIError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        message, param = _printable(message), None if param is None else _printable(param)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
@@ -70,6 +70,12 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (from a client's JSON, quoted back in a message) written as
+    ``\\udXXX``: JSON bodies must be valid UTF-8, and orjson refuses them."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_model(request: Request, model: str | None) -> None:

@@ -18,9 +18,11 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from srt.entrypoints.api_schema import ERROR_RESPONSES, install_openapi
 from srt.entrypoints.errors import APIError, JSONResponse, install_error_handlers
+from srt.entrypoints.http_limits import BodyLimits, HeaderTimeoutProtocol
 from srt.entrypoints.native_api import router as native_router
 from srt.entrypoints.native_api import warm_up
 from srt.entrypoints.openai.serving import router as openai_router
@@ -59,10 +61,10 @@ def build_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     install_error_handlers(app)
     if server_args.api_key:
         app.add_middleware(_APIKeyCheck, api_key=server_args.api_key)
-    app.add_middleware(_BodySizeLimit, max_bytes=server_args.max_request_body_bytes)
-    app.include_router(native_router)
-    app.include_router(openai_router)
-    app.include_router(tokenization_router)
+    app.add_middleware(BodyLimits, max_bytes=server_args.max_request_body_bytes, timeout_s=server_args.timeout_body_read)
+    for router in (native_router, openai_router, tokenization_router):
+        app.include_router(router, responses=ERROR_RESPONSES)
+    install_openapi(app)
     return app
 
 
@@ -108,46 +110,6 @@ class _APIKeyCheck:
         await self.app(scope, receive, send)
 
 
-class _BodySizeLimit:
-    """Bodies over ``--max-request-body-bytes`` get a 413 before the handler sees them: by their
-    Content-Length, or, for a chunked body, as soon as the bytes read pass the limit (the body
-    is read here first, at most the limit, then handed on)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope["headers"]) if scope["type"] == "http" else {}
-        if scope["type"] != "http" or b"content-length" in headers:
-            length = headers.get(b"content-length", b"0")
-            if not length.isdigit() or int(length) > self.max_bytes:
-                await self._too_large(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
-            return
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                break
-        buffered = iter(messages)
-
-        async def replay() -> Message:
-            return next(buffered, None) or await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = APIError(413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large")
-        await error.response()(scope, receive, send)
-
-
 class _Server(uvicorn.Server):
     """uvicorn, but a stop signal first aborts in-flight requests so their streams end at once."""
 
@@ -190,8 +152,11 @@ def launch_server(server_args: ServerArgs) -> int:
             loop="uvloop",
             log_level=server_args.log_level,
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+            timeout_keep_alive=server_args.timeout_keep_alive,
+            http=HeaderTimeoutProtocol,
             access_log=False,
         )
+        config.timeout_header_read = server_args.timeout_header_read  # HeaderTimeoutProtocol reads it
         server = _Server(config, tm)
         # uvicorn re-raises the stop signal once it has shut down; with these handlers that
         # lands here instead of killing the process before the children are stopped.

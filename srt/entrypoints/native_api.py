@@ -9,12 +9,15 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from srt.entrypoints.api_schema import GenerateResponse, ModelInfo, ReplicaLoad, json_or_event_stream, plain_text
 from srt.entrypoints.errors import APIError, check_model
+from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.results import GenerateResult, collect
 from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
 from srt.runtime.generate_request import GenerateReqInput
@@ -22,11 +25,6 @@ from srt.runtime.messages import TokenizedGenerateReq
 from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
 
 router = APIRouter()
-
-# Texts up to this long are tokenized in the event loop (well under a millisecond); longer
-# ones in a thread, so that other requests (and /health) are not held up meanwhile.
-_TOKENIZE_INLINE_CHARS = 20_000
-
 
 class AbortReqInput(BaseModel):
     rid: str
@@ -42,13 +40,13 @@ async def warm_up(tm: TokenizerManager) -> None:
     await collect(tm, tm.check(GenerateReqInput(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})))
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response)
 async def health(request: Request) -> Response:
     ready = request.app.state.ready and _tm(request).failure is None
     return Response(status_code=200 if ready else 503)
 
 
-@router.get("/health_generate")
+@router.get("/health_generate", response_class=Response)
 async def health_generate(request: Request) -> Response:
     if not request.app.state.ready:
         return Response(status_code=503)
@@ -61,20 +59,20 @@ async def health_generate(request: Request) -> Response:
 
 @router.get("/model_info")
 @router.get("/get_model_info")  # SGLang's name, which sglang-router reads
-async def model_info(request: Request) -> dict:
+async def model_info(request: Request) -> ModelInfo:
     runtime = _tm(request).runtime
-    return {
-        "model_path": runtime.model_path,
-        "tokenizer_path": runtime.tokenizer_path,
-        "served_model_name": request.app.state.model_name,
-        "is_generation": True,
-        "context_length": runtime.info.context_length,
-    }
+    return ModelInfo(
+        model_path=runtime.model_path,
+        tokenizer_path=runtime.tokenizer_path,
+        served_model_name=request.app.state.model_name,
+        is_generation=True,
+        context_length=runtime.info.context_length,
+    )
 
 
 @router.get("/server_info")
 @router.get("/get_server_info")
-async def server_info(request: Request) -> dict:
+async def server_info(request: Request) -> dict[str, Any]:
     tm = _tm(request)
     state = await tm.get_internal_state()
     args = request.app.state.server_args
@@ -91,49 +89,53 @@ async def server_info(request: Request) -> dict:
 
 
 @router.get("/get_load")
-async def get_load(request: Request) -> list[dict]:
+async def get_load(request: Request) -> list[ReplicaLoad]:
     """Each data-parallel replica's load, in SGLang's shape (load-aware routing policies read it)."""
     replicas = await _tm(request).get_replica_states()
     return [
-        {
-            "dp_rank": rank,
-            "num_reqs": state.running_requests + state.waiting_requests,
-            "num_waiting_reqs": state.waiting_requests,
-            "num_tokens": state.total_kv_slots - state.free_kv_slots - state.evictable_tokens,
-        }
+        ReplicaLoad(
+            dp_rank=rank,
+            num_reqs=state.running_requests + state.waiting_requests,
+            num_waiting_reqs=state.waiting_requests,
+            num_tokens=state.total_kv_slots - state.free_kv_slots - state.evictable_tokens,
+        )
         for rank, state in enumerate(replicas)
     ]
 
 
-@router.post("/flush_cache")
-async def flush_cache(request: Request) -> Response:
+@router.post("/flush_cache", response_class=PlainTextResponse, responses=plain_text("Cache flushed"))
+async def flush_cache(request: Request) -> PlainTextResponse:
     if await _tm(request).flush_cache():
-        return Response("Cache flushed.\n", status_code=200)
+        return PlainTextResponse("Cache flushed.\n")
     raise APIError(400, "cannot flush the cache while requests are running")
 
 
-@router.post("/abort_request")
+@router.post("/abort_request", response_class=Response)
 async def abort_request(body: AbortReqInput, request: Request) -> Response:
     await _tm(request).abort(body.rid)
     return Response(status_code=200)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=plain_text("Prometheus metrics"))
 async def metrics(request: Request) -> Response:
     tm = _tm(request)
     state = await tm.get_internal_state()
     return Response(tm.metrics.render(state), media_type="text/plain; version=0.0.4")
 
 
-@router.post("/generate")
+@router.post(
+    "/generate",
+    response_model=None,
+    responses=json_or_event_stream(
+        GenerateResponse | list[GenerateResponse],
+        "One result per prompt (one object for a single prompt); each stream event is a result so far",
+    ),
+)
 async def generate(body: GenerateReqInput, request: Request):
     check_model(request, body.model)
     tm = _tm(request)
     texts = [body.text] if isinstance(body.text, str) else body.text or []
-    if sum(map(len, texts)) > _TOKENIZE_INLINE_CHARS:
-        reqs = await asyncio.to_thread(tm.check, body)  # a long text: tokenized off the event loop
-    else:
-        reqs = tm.check(body)
+    reqs = await off_loop_if_long(sum(map(len, texts)), tm.check, body)
     if body.stream:
         return StreamingResponse(_sse_generate(tm, reqs, body.is_single), media_type="text/event-stream")
     results = [r.to_dict() for r in await until_disconnected(request, collect(tm, reqs))]

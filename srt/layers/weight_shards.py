@@ -40,7 +40,8 @@ def read_shard(loaded: Any, dim: int, packed: int, index: int, count: int) -> to
 
 
 def read_full(loaded: Any) -> torch.Tensor:
-    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    """All of ``loaded``; ``[...]`` (not ``[:]``) so that a 0-dim (scalar) tensor reads too."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[...]
 
 
 def loadable_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, loader: WeightLoader) -> nn.Parameter:

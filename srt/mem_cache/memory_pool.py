@@ -83,13 +83,14 @@ class KVCache:
         self.dtype = dtype
         shape = (size + 1, num_kv_heads, head_dim)
         v_shape = (size + 1, num_kv_heads, v_head_dim)
-        # torch.empty: on CPU the pages are only touched when tokens are written.
-        self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.empty(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        # Padded gathers read slot 0 under a mask; masked scores vanish, but 0 x NaN from
-        # uninitialised memory would not, so the padding slot holds zeros.
-        for buffer in (*self.k_buffers, *self.v_buffers):
-            buffer[0].zero_()
+        # Zeroed, so every page is committed now: the process's memory is its whole
+        # reservation from the start, instead of creeping up for hours as the radix cache
+        # keeps finished requests' K/V in slots never touched before (which looked like a
+        # leak), and a host that cannot hold the cache fails at start-up, not under load.
+        # Zeros also make the padding slot 0 safe: padded gathers read it under a mask,
+        # and 0 x NaN from uninitialised memory would not vanish.
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` of shape ``[tokens, kv_heads, head_dim]`` at ``slots``."""

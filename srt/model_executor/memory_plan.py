@@ -35,7 +35,8 @@ def plan_memory(
     by ``--max-total-tokens``; every rank gets the smallest rank's size, so all schedule alike."""
     per_token = KVCache.bytes_per_token(*kv_shape, kv_dtype)
     fraction = args.mem_fraction_static or devices.default_mem_fraction(device)
-    budget_tokens = devices.kv_budget_bytes(device, fraction) // per_token
+    ranks_on_host = args.tp_size // args.nnodes * args.dp_size
+    budget_tokens = devices.kv_budget_bytes(device, fraction, ranks_on_host) // per_token
     max_total = min(budget_tokens, args.max_total_tokens) if args.max_total_tokens else budget_tokens
     if tp_group.size > 1:
         max_total = _min_across_ranks(max_total, device, tp_group)

@@ -6,10 +6,11 @@ import logging
 import time
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from srt.layers.attention.base import create_attention_backend
-from srt.layers.attention.interface import AttentionContext
+from srt.layers.attention.interface import AttentionContext, UnsupportedAttention
 from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_executor.forward_batch import ForwardBatch
@@ -77,15 +78,30 @@ class ModelRunner:
         """(layers, kv heads, head dim, v head dim) of this rank, as the model really produces them.
 
         One token goes through the model with a cache that only records shapes, so TP
-        plans that shard, replicate or gather K/V need no special cases here.
+        plans that shard, replicate or gather K/V need no special cases here. The same
+        forward is where a model is refused for attention srt does not implement (the
+        attention function raises on it), at start-up rather than while serving.
         """
         probe = _KVShapeProbe()
         one = torch.zeros(1, dtype=torch.int64, device=self.device)
         batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), kv_cache=None)  # type: ignore[arg-type]
-        with self.attention.running(batch, backend=probe):
-            self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
+        try:
+            with self.attention.running(batch, backend=probe):
+                self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
+        except UnsupportedAttention as e:
+            raise ValueError(f"{type(self.model).__name__} cannot be served by srt: {e}") from e
+        _refuse_inconsistent_layers(type(self.model).__name__, self.config, probe)
+        layers = getattr(self.config.get_text_config(), "num_hidden_layers", None)
+        if layers is not None and sorted(probe.shapes) != list(range(layers)):
+            # A layer that never reaches the attention interface mixes tokens some other way
+            # (a recurrent or convolutional mixer) that would need state kept per request.
+            silent = sorted(set(range(layers)) - set(probe.shapes))
+            raise ValueError(
+                f"{type(self.model).__name__}: layers {silent[:8]} do not attend through transformers' attention "
+                "interface (recurrent or convolutional token mixers?); srt has no per-request recurrent-state pool"
+            )
         shapes = set(probe.shapes.values())
-        if len(shapes) != 1 or sorted(probe.shapes) != list(range(len(probe.shapes))):
+        if len(shapes) != 1:
             raise ValueError(f"layers with different K/V shapes are not supported: {probe.shapes}")
         kv_heads, head_dim, v_head_dim = shapes.pop()
         return len(probe.shapes), kv_heads, head_dim, v_head_dim
@@ -128,15 +144,48 @@ class _KVShapeProbe:
 
     def __init__(self) -> None:
         self.shapes: dict[int, tuple[int, int, int]] = {}
+        self.calls: dict[int, int] = {}  # attention calls per layer
+        self.windows: dict[int, int | None] = {}  # the sliding window each layer attends with
 
     def store(self, batch: ForwardBatch, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.shapes[layer] = (k.shape[1], k.shape[2], v.shape[2])
+        self.calls[layer] = self.calls.get(layer, 0) + 1
 
     def prepare(self, batch: ForwardBatch) -> None:
         pass
 
-    def forward(self, q: torch.Tensor, layer: int, batch: ForwardBatch, *_) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, layer: int, batch: ForwardBatch, scaling: float, window: int | None, *_) -> torch.Tensor:
+        self.windows[layer] = window
         return q.new_zeros(q.shape[0], q.shape[1], self.shapes[layer][2])
+
+
+def _refuse_inconsistent_layers(model_name: str, config: PretrainedConfig, probe: _KVShapeProbe) -> None:
+    """Refuse layers that srt's one K/V entry per layer and token cannot reproduce.
+
+    - A layer that calls attention twice (DiffLlama: the same keys with two halves of the
+      values) would overwrite its first values in the cache with its second ones.
+    - A layer whose cache transformers itself cuts to a sliding window while its attention
+      gets no window (Moshi) attends over the whole prompt in prefill but only the window
+      while decoding: transformers disagrees with itself past the window, so no answer is right.
+    """
+    repeated = sorted(layer for layer, n in probe.calls.items() if n > 1)
+    if repeated:
+        raise ValueError(
+            f"{model_name} calls attention {probe.calls[repeated[0]]} times in layer {repeated[0]} (with different "
+            "values); srt caches one K/V per layer and token"
+        )
+    try:
+        _, cache_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError):
+        return
+    for layer, kwargs in enumerate(cache_kwargs):
+        cached = kwargs.get("sliding_window")
+        if cached is not None and layer in probe.windows and probe.windows[layer] != cached:
+            raise ValueError(
+                f"{model_name}: transformers keeps only the last sliding_window={cached} tokens of layer {layer} in its "
+                f"cache, but the layer's attention is given window {probe.windows[layer]}: generation past the window "
+                "would disagree with a full forward"
+            )
 
 
 def _generation_config(model_path: str) -> GenerationConfig | None:

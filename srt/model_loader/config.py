@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 
 @dataclass
@@ -33,6 +34,38 @@ def refuse_quantized(config: PretrainedConfig) -> None:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
         method = getattr(method, "value", method)  # transformers' QuantizationMethod is a str Enum
         raise ValueError(f"quantization method {method!r} (quantization_config in config.json) is not supported by srt")
+
+
+# Layer kinds (transformers' cache layer types) that srt's paged KV cache serves as they are.
+_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+# Layer kinds whose state is a per-request recurrent / convolution state, not per-token K/V.
+_RECURRENT_LAYER_TYPES = frozenset({"conv", "linear_attention", "hybrid", "hybrid_sliding"})
+
+
+def refuse_unsupported_layers(config: PretrainedConfig) -> None:
+    """Refuse a model with layers that srt's KV cache cannot serve, read from the layer kinds
+    transformers itself builds its cache from (``get_layer_types_and_kwargs``)."""
+    text = config.get_text_config(decoder=True)
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(text)
+    except (AttributeError, TypeError, ValueError):  # a config transformers cannot describe: the probe forward decides
+        return
+    kinds = set(layer_types) - _ATTENTION_LAYER_TYPES
+    if "dummy" in kinds and getattr(text, "kv_sharing_modes", None) is None:
+        kinds.discard("dummy")  # a layer with no token mixer at all ("moe", "mlp"): nothing to keep
+    if not kinds:
+        return
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if kinds & _RECURRENT_LAYER_TYPES:
+        raise ValueError(
+            f"{model_type} is a hybrid model: its {sorted(kinds & _RECURRENT_LAYER_TYPES)} layers keep a recurrent "
+            "or convolution state per request, and srt has no per-request recurrent-state pool yet"
+        )
+    if "dummy" in kinds:
+        raise ValueError(f"{model_type} shares K/V between layers (kv_sharing_modes), which srt does not implement")
+    if "chunked_attention" in kinds:
+        raise ValueError(f"{model_type} has chunked-attention layers (attention_chunk_size), which srt does not implement")
+    raise ValueError(f"{model_type} has layers of kind {sorted(kinds)}, which srt's KV cache does not implement")
 
 
 def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:

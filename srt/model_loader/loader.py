@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from srt.layers.moe.experts import EXPERTS_IMPLEMENTATION
 from srt.layers.weight_shards import read_full, shape_of
-from srt.model_loader.config import model_shape, refuse_quantized
+from srt.model_loader.config import model_shape, refuse_quantized, refuse_unsupported_layers
 from srt.model_loader.tp_plan import apply_tp_plan
 from srt.model_loader.weight_mapping import checkpoint_targets, converted_tensors, plan_loads
 from srt.platform.distributed import TPGroup
@@ -47,17 +47,22 @@ def load_model(
     ``attn_implementation`` (an ``AttentionContext``'s name) and its MoE experts (if any)
     srt's, split over ``ep_size`` expert-parallel groups."""
     refuse_quantized(config)
+    refuse_unsupported_layers(config)
     config._attn_implementation = attn_implementation
     config._experts_implementation = EXPERTS_IMPLEMENTATION
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
     # computed for real by the modules' own constructors.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    not_routed = "does not route its attention through transformers' attention interface"
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except KeyError as e:
+        if e.args != (attn_implementation,):
+            raise
+        # The model picks an attention class of its own by name while it is built (Falcon).
+        raise ValueError(f"{config.model_type} {not_routed} (it has no attention for {attn_implementation!r})") from e
     if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{type(model).__name__} does not route its attention through transformers' attention interface "
-            "(_supports_attention_backend is False), so srt cannot serve it"
-        )
+        raise ValueError(f"{type(model).__name__} {not_routed} (_supports_attention_backend is False), so srt cannot serve it")
     model.config._attn_implementation = attn_implementation
     model.config._experts_implementation = EXPERTS_IMPLEMENTATION
     apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group, ep_size)

@@ -11,6 +11,7 @@ from torch import nn
 from srt.layers.linear import ColumnParallelLinear, RowParallelLinear
 from srt.layers.moe.experts import is_experts_module, shard_experts
 from srt.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from srt.layers.weight_shards import loadable_param, read_shard
 from srt.model_loader.config import ModelShape
 from srt.platform.device import experts_kernel
 from srt.platform.distributed import TPGroup
@@ -72,7 +73,25 @@ def apply_tp_plan(
     if lm_head is not None:
         model.set_output_embeddings(_lm_head(lm_head, dtype, device, tp_group))
     if tp_group.size > 1:
+        _shard_bare_parameters(model, plan, device, tp_group)
         _refuse_whole_parameters(model, plan)
+
+
+def _shard_bare_parameters(model: nn.Module, plan: dict[str, str], device: torch.device, tp_group: TPGroup) -> None:
+    """Split the 1-D bare parameters the plan splits ``colwise`` (attention sinks: one value per
+    head) into this rank's part, so that they follow the heads its split projections keep."""
+    for name, param in list(model.named_parameters()):
+        if param.dim() != 1 or hasattr(param, "weight_loader") or _style(plan, name) not in ("colwise", "local_colwise"):
+            continue
+        if param.shape[0] % tp_group.size:
+            raise ValueError(f"parameter {name} of size {param.shape[0]} does not split over tp_size={tp_group.size}")
+        owner_name, _, attr = name.rpartition(".")
+
+        def load(target: nn.Parameter, loaded: object) -> None:
+            target.data.copy_(read_shard(loaded, 0, 1, tp_group.rank, tp_group.size))
+
+        shard = loadable_param((param.shape[0] // tp_group.size,), param.dtype, device, load)
+        setattr(model.get_submodule(owner_name), attr, shard)
 
 
 def _style(plan: dict[str, str], name: str) -> str | None:

@@ -93,17 +93,18 @@ def total_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def kv_budget_bytes(device: torch.device, mem_fraction_static: float) -> int:
+def kv_budget_bytes(device: torch.device, mem_fraction_static: float, ranks_on_host: int = 1) -> int:
     """Bytes for the KV cache, measured after the weights are loaded.
 
     CUDA: of the memory that ``mem_fraction_static`` of the GPU allows, what the weights
-    (and everything else on the GPU) left free. CPU: that fraction of the available RAM.
+    (and everything else on the GPU) left free. CPU: that fraction of the available RAM,
+    split evenly between the ``ranks_on_host`` schedulers that share it.
     """
     available = available_memory_bytes(device)
     if device.type == "cuda":
         reserved_for_others = total_memory_bytes(device) * (1 - mem_fraction_static)
         return max(0, int(available - reserved_for_others))
-    return int(available * mem_fraction_static)
+    return int(available * mem_fraction_static) // ranks_on_host
 
 
 def _cpu_available_bytes() -> int:

@@ -10,22 +10,28 @@ from typing import Any
 import jinja2
 
 from srt.entrypoints.errors import APIError
+from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from srt.runtime.generate_request import InvalidRequestError
 from srt.sampling.sampling_params import is_valid_unicode
 from srt.tokenizer_manager.manager import TokenizerManager
 
 
-def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def tokenize_prompts(tm: TokenizerManager, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of each text (long texts tokenized off the event loop); a bad one is a 400 naming ``prompt``."""
+    try:
+        return await off_loop_if_long(sum(map(len, texts)), tm.tokenize, texts, add_special_tokens)
+    except InvalidRequestError as e:  # its param names the native field (text), not OpenAI's
+        raise APIError(400, str(e), param="prompt", code=e.code) from e
+
+
+async def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Token ids of each prompt, given as a text, texts, token ids, or lists of token ids."""
     if isinstance(prompt, list) and not prompt:
         raise APIError(400, "prompt is an empty list", param="prompt")
     texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
     if texts is not None:
-        try:
-            return tm.tokenize(texts)
-        except InvalidRequestError as e:  # its param names the native field (text), not OpenAI's
-            raise APIError(400, str(e), param="prompt", code=e.code) from e
+        return await tokenize_prompts(tm, texts)
     if isinstance(prompt[0], int):
         return [prompt]
     return prompt

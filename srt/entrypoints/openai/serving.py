@@ -20,6 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from srt.entrypoints.api_schema import json_or_event_stream
+from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.errors import APIError, check_model
 from srt.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from srt.entrypoints.openai.prompts import chat_input_ids, completion_prompts
@@ -80,12 +82,16 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=state.model_name, created=_STARTED, max_model_len=context_length)])
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses=json_or_event_stream(CompletionResponse, "The completion; with stream: true, CompletionResponse chunks"),
+)
 async def create_completion(body: CompletionRequest, request: Request):
     model, tm = _check_body(request, body)
     if body.echo and body.stream:
         raise APIError(400, "echo is not supported with stream: true", param="echo")
-    prompts = completion_prompts(tm, body.prompt)
+    prompts = await completion_prompts(tm, body.prompt)
     max_new = [_max_new_tokens(tm, len(ids), body.max_tokens, "prompt", "max_tokens") for ids in prompts]
     gen = _Generation(tm, "cmpl", body, prompts, max_new, body.logprobs, body.echo)
 
@@ -130,12 +136,17 @@ async def create_completion(body: CompletionRequest, request: Request):
     return response(choices, gen.usage(results))
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses=json_or_event_stream(ChatCompletionResponse, "The chat completion; with stream: true, ChatCompletionChunk events"),
+)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model, tm = _check_body(request, body)
     if not body.logprobs and body.top_logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    input_ids = chat_input_ids(tm.tokenizer, request.app.state.server_args.chat_template, body)
+    chars = sum(len(str(m.content)) for m in body.messages or ())
+    input_ids = await off_loop_if_long(chars, chat_input_ids, tm.tokenizer, request.app.state.server_args.chat_template, body)
     limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = _max_new_tokens(tm, len(input_ids), getattr(body, limit), "messages", limit)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from srt.entrypoints.errors import APIError, check_model
+from srt.entrypoints.openai.prompts import tokenize_prompts
 from srt.tokenizer_manager.manager import TokenizerManager
 
 router = APIRouter()
@@ -47,7 +48,7 @@ def _tokenizer_manager(request: Request, model: str | None) -> TokenizerManager:
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     tm = _tokenizer_manager(request, body.model)
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    ids = tm.tokenizer(texts, add_special_tokens=body.add_special_tokens)["input_ids"]
+    ids = await tokenize_prompts(tm, texts, body.add_special_tokens)
     if isinstance(body.prompt, str):
         return TokenizeResponse(tokens=ids[0], count=len(ids[0]), max_model_len=tm.info.context_length)
     return TokenizeResponse(tokens=ids, count=[len(x) for x in ids], max_model_len=tm.info.context_length)

@@ -31,8 +31,12 @@ class AttentionBackend(Protocol):
         scaling: float,
         sliding_window: int | None,
         softcap: float | None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``q`` is ``[tokens, heads, head_dim]``; this layer's new K/V are already in the cache."""
+        """``q`` is ``[tokens, heads, head_dim]``; this layer's new K/V are already in the cache.
+
+        ``sinks [heads]`` (this rank's heads) are attention sinks: one value-less logit per head
+        in the softmax denominator."""
 
 
 def create_attention_backend(name: str) -> AttentionBackend:

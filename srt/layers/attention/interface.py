@@ -60,6 +60,39 @@ class AttentionContext:
             self.batch, self.backend = outer
 
 
+_NOT_PASSED = object()
+
+
+class UnsupportedAttention(NotImplementedError):
+    """The model asks its attention for something srt does not compute (raised by the
+    model runner's start-up probe forward, so a model is refused before it serves)."""
+
+
+# Keywords transformers' attention classes pass that cannot change what is computed here:
+# positions and caching are the batch's (srt keeps its own paged cache), dropout is off in
+# eval mode, and the rest are the model's own output switches, handed down with its
+# ``**kwargs``. ``is_causal`` may only confirm causal attention.
+_HARMLESS_KEYWORDS = frozenset(
+    {
+        "dropout", "position_ids", "use_cache", "cache_position", "past_key_values",
+        "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+    }
+)  # fmt: skip
+
+
+def _refuse_unsupported(module: torch.nn.Module, kwargs: dict) -> None:
+    """Refuse a keyword srt does not implement: dropping it would serve other attention, silently."""
+    name = type(module).__name__
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal", True) is False:
+        raise UnsupportedAttention(
+            f"{name} attends bidirectionally (is_causal=False): an encoder, not a generation model"
+        )
+    for key, value in kwargs.items():
+        if key in _HARMLESS_KEYWORDS or key == "is_causal" or value is None:
+            continue
+        raise UnsupportedAttention(f"{name} passes the attention keyword {key!r}, which srt does not implement")
+
+
 @torch.compiler.disable  # under --enable-torch-compile the backends run eagerly: they index on the host
 def srt_attention(
     context: AttentionContext,
@@ -69,23 +102,27 @@ def srt_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
-    sliding_window: int | None = None,
+    sliding_window: int | None | object = _NOT_PASSED,
     softcap: float | None = None,
-    **kwargs,
+    s_aux: torch.Tensor | None = None,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q ``[1, H, T, D]``, k/v ``[1, H_kv, T, D]`` → ``[1, T, H, D]``."""
+    """transformers' attention signature: q ``[1, H, T, D]``, k/v ``[1, H_kv, T, D]`` → ``[1, T, H, D]``.
+
+    ``s_aux`` are attention sinks (one logit per local head, gpt-oss). Any other keyword that
+    could change the result is refused (``_refuse_unsupported``).
+    """
     batch, backend = context.batch, context.backend
-    if kwargs.get("s_aux") is not None:  # ignoring them would give other attention weights, silently
-        raise NotImplementedError(
-            f"{type(module).__name__} uses attention sinks (s_aux), which srt does not implement yet"
-        )
+    _refuse_unsupported(module, kwargs)
     if batch is None:
         raise RuntimeError("the srt attention ran outside a forward context (call the model through ModelRunner)")
     layer = module.layer_idx
     backend.store(batch, layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    if sliding_window is None:
+    if sliding_window is _NOT_PASSED:
+        # Only a model that never passes the keyword falls back to its module's attribute: one
+        # that passes None for its full-attention layers (Exaone 4) keeps the attribute set on all.
         sliding_window = getattr(module, "sliding_window", None)
     if scaling is None:
         scaling = module.scaling
-    out = backend.forward(query[0].transpose(0, 1), layer, batch, scaling, sliding_window, softcap)
+    out = backend.forward(query[0].transpose(0, 1), layer, batch, scaling, sliding_window, softcap, s_aux)
     return out.unsqueeze(0), None

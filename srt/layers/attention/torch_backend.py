@@ -182,30 +182,31 @@ class TorchAttentionBackend:
         scaling: float,
         sliding_window: int | None,
         softcap: float | None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         meta: _Metadata = batch.attn_metadata
         k_buffer, v_buffer = batch.kv_cache.k_buffers[layer], batch.kv_cache.v_buffers[layer]
         if isinstance(meta.decode, _KernelDecode) and meta.decode.rows is None:
             return cpu_kernels.decode_attention(
                 q, k_buffer, v_buffer, batch.req_to_token, meta.decode.req_pool_indices, meta.decode.seq_lens,
-                scaling, sliding_window, softcap,
+                scaling, sliding_window, softcap, sinks,
             )  # fmt: skip
         out = q.new_empty(q.shape[0], q.shape[1], v_buffer.shape[-1])
         for ext in meta.extends:
             k = k_buffer.index_select(0, ext.slots).to(q.dtype).transpose(0, 1)[None]
             v = v_buffer.index_select(0, ext.slots).to(q.dtype).transpose(0, 1)[None]
             qe = q[ext.start : ext.start + ext.n].transpose(0, 1)[None]
-            out[ext.start : ext.start + ext.n] = attend(qe, k, v, ext.mask(sliding_window), scaling, softcap)[0].transpose(0, 1)
+            out[ext.start : ext.start + ext.n] = attend(qe, k, v, ext.mask(sliding_window), scaling, softcap, sinks)[0].transpose(0, 1)
         if isinstance(meta.decode, _KernelDecode):
             dec = meta.decode
             out[dec.rows] = cpu_kernels.decode_attention(
                 q[dec.rows], k_buffer, v_buffer, batch.req_to_token, dec.req_pool_indices, dec.seq_lens,
-                scaling, sliding_window, softcap,
+                scaling, sliding_window, softcap, sinks,
             )  # fmt: skip
         elif meta.decode is not None:
             dec = meta.decode
             k_shared, k = (None if t is None else t.to(q.dtype) for t in dec.gather(k_buffer, "k"))
             v_shared, v = (None if t is None else t.to(q.dtype) for t in dec.gather(v_buffer, "v"))
             mask = dec.additive_mask(sliding_window, q.dtype)
-            out[dec.rows] = decode_attend(q[dec.rows], k, v, mask, scaling, softcap, k_shared, v_shared)
+            out[dec.rows] = decode_attend(q[dec.rows], k, v, mask, scaling, softcap, k_shared, v_shared, sinks)
         return out

@@ -76,6 +76,7 @@ class TritonAttentionBackend:
         scaling: float,
         sliding_window: int | None,
         softcap: float | None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         meta: _Metadata = batch.attn_metadata
         k_buffer, v_buffer = batch.kv_cache.k_buffers[layer], batch.kv_cache.v_buffers[layer]
@@ -84,10 +85,10 @@ class TritonAttentionBackend:
         if meta.decode_only:
             return triton_attention.decode_attention(
                 q, k_buffer, v_buffer, batch.req_to_token, meta.req_pool_indices, meta.seq_lens,
-                scaling, sliding_window, softcap, num_kv_splits=meta.num_kv_splits,
+                scaling, sliding_window, softcap, sinks, num_kv_splits=meta.num_kv_splits,
             )  # fmt: skip
         return triton_attention.extend_attention(
             q, k_buffer, v_buffer, batch.req_to_token, meta.req_pool_indices,
             meta.prefix_lens, meta.extend_lens, meta.extend_starts, meta.max_extend_len,
-            scaling, sliding_window, softcap,
+            scaling, sliding_window, softcap, sinks,
         )  # fmt: skip

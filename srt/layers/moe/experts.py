@@ -20,6 +20,7 @@ row-parallel down projection reduces their own output: nothing is counted twice.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,8 +90,20 @@ def shard_experts(
     module: nn.Module, dtype: torch.dtype, device: torch.device, tp_group: TPGroup, ep_size: int, kernel: str
 ) -> None:
     """Give ``module`` this rank's part of its expert weights (uninitialised, each with a
-    ``weight_loader`` that cuts that part out of the checkpoint tensor) and route it here."""
-    _refuse_unsupported(module)
+    ``weight_loader`` that cuts that part out of the checkpoint tensor) and route it here.
+
+    A layout srt's experts do not implement runs transformers' own eager experts instead,
+    whole, which is exact on one rank; split over several it is refused."""
+    unsupported = _unsupported_layout(module)
+    if unsupported:
+        if tp_group.size > 1:
+            raise NotImplementedError(
+                f"{type(module).__name__} has {unsupported}, which srt's experts implementation does not split "
+                "over ranks yet: use --tp 1"
+            )
+        module.config = copy.copy(module.config)  # only this module's dispatch changes
+        module.config._experts_implementation = "eager"
+        return
     num_experts, _, hidden = module.gate_up_proj.shape
     intermediate = module.down_proj.shape[2]
     shard = ExpertShard.of_rank(num_experts, intermediate, tp_group, ep_size, kernel)
@@ -104,7 +117,8 @@ def shard_experts(
     module.srt_shard = shard
 
 
-def _refuse_unsupported(module: nn.Module) -> None:
+def _unsupported_layout(module: nn.Module) -> str:
+    """What of the module's expert layout srt's implementation lacks ("" when nothing)."""
     missing = [
         what
         for unsupported, what in (
@@ -116,11 +130,9 @@ def _refuse_unsupported(module: nn.Module) -> None:
         )
         if unsupported
     ]
-    if missing or not isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
-        raise NotImplementedError(
-            f"{type(module).__name__} has {', '.join(missing) or 'no fused gate_up_proj'}, "
-            "which srt's experts implementation does not support yet"
-        )
+    if not isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
+        missing.append("no fused gate_up_proj")
+    return ", ".join(missing)
 
 
 def _expert_param(
