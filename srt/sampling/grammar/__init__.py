@@ -1,0 +1,1 @@
+"""Grammar-constrained decoding: compiled grammars, per-request matchers, token bitmasks."""
