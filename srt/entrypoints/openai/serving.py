@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from srt.entrypoints.api_schema import json_or_event_stream
 from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.errors import APIError, check_model
+from srt.entrypoints.openai.constraints import constraint_params
 from srt.entrypoints.openai.logprobs import chat_logprobs, completion_logprobs
 from srt.entrypoints.openai.prompts import chat_input_ids, completion_prompts
 from srt.entrypoints.openai.protocol import (
@@ -117,7 +118,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             return [response([choice(index, out.text, logprobs, out.finish_reason)])]
 
         usage_chunk = (lambda usage: response([], usage)) if _include_usage(body) else None
-        return _event_stream(gen, [], render, usage_chunk)
+        return await _event_stream(request, gen, [], render, usage_chunk)
 
     results = await until_disconnected(request, collect(tm, gen.reqs))
     choices = []
@@ -177,7 +178,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         opening = ChatDelta(role="assistant", content="")
         head = [chunk([ChatStreamChoice(index=i, delta=opening)]) for i in range(body.n)]
         usage_chunk = (lambda usage: chunk([], usage)) if _include_usage(body) else None
-        return _event_stream(gen, head, render, usage_chunk)
+        return await _event_stream(request, gen, head, render, usage_chunk)
 
     results = await until_disconnected(request, collect(tm, gen.reqs))
     choices = [
@@ -279,7 +280,7 @@ class _Generation:
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompts = prompts
-        common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True)
+        common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True) | constraint_params(body)
         if body.min_tokens is not None:
             common["min_new_tokens"] = body.min_tokens
         params: list[dict[str, Any]] = []
@@ -313,7 +314,8 @@ class _Generation:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total_tokens)
 
 
-def _event_stream(
+async def _event_stream(
+    request: Request,
     gen: _Generation,
     head: list[BaseModel],
     render: Callable[[int, ReqOutput], list[BaseModel]],
@@ -322,18 +324,30 @@ def _event_stream(
     """SSE: ``head``, the chunks ``render`` makes of each output, the usage chunk if asked for, ``[DONE]``.
 
     Once the response has started its status cannot change, so an error (an aborted
-    request, a dead runtime) is sent as an ``{"error": ...}`` event, as vLLM does."""
+    request, a dead runtime) is sent as an ``{"error": ...}`` event, as vLLM does. A
+    constrained request waits for its first output before the response starts, so that a
+    grammar that does not compile is a plain 400."""
 
     def event(chunk: BaseModel) -> bytes:
         return sse(chunk.model_dump(exclude_none=True))
+
+    outputs = gen.tm.generate(gen.reqs)
+    first: list[tuple[int, ReqOutput]] = []
+    if any(req.sampling_params.constraint for req in gen.reqs):
+        try:
+            first.append(await until_disconnected(request, anext(outputs)))
+            _finish_reason(first[0][1].finish_reason)  # raises for an aborted request
+        except BaseException:
+            await outputs.aclose()
+            raise
 
     async def events() -> AsyncIterator[bytes]:
         for chunk in head:
             yield event(chunk)
         results = [GenerateResult(req.rid) for req in gen.reqs]
         try:
-            async with aclosing(gen.tm.generate(gen.reqs)) as outputs:
-                async for index, out in outputs:
+            async with aclosing(outputs):
+                async for index, out in _chain(first, outputs):
                     results[index].add(out)
                     for chunk in render(index, out):
                         yield event(chunk)
@@ -345,3 +359,10 @@ def _event_stream(
         yield SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _chain(first: list[tuple[int, ReqOutput]], rest: AsyncIterator[tuple[int, ReqOutput]]) -> AsyncIterator[tuple[int, ReqOutput]]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
