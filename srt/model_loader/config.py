@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.integrations.heterogeneity.configuration_utils import AmbiguousGlobalPerLayerAttributeError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -78,9 +79,20 @@ def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | None:
 def model_shape(config: PretrainedConfig, tp_size: int, context_length: int | None = None) -> ModelShape:
     """The model's shape, checked to split over ``tp_size`` ranks."""
     text = config.get_text_config()
+    if getattr(text, "num_attention_heads", None) is None:
+        raise ValueError(
+            f"{config.model_type} has no attention heads (a purely recurrent model): its layers keep a state per "
+            "request, and srt has no per-request recurrent-state pool yet"
+        )
     heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    try:
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    except AmbiguousGlobalPerLayerAttributeError as e:  # per-layer configs (Gemma 4: wider heads on global layers)
+        raise ValueError(
+            f"{config.model_type} gives its layers different attention shapes ({e}); srt's KV pool holds one "
+            "K/V shape for every layer"
+        ) from e
     if heads % tp_size:
         raise ValueError(f"num_attention_heads={heads} is not divisible by tp_size={tp_size}")
     if kv_heads % tp_size and tp_size % kv_heads:

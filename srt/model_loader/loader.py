@@ -130,7 +130,7 @@ def load_weights(model: nn.Module, model_path: str) -> None:
         logger.warning(
             "ignored %d checkpoint tensors the model does not have, e.g. %s", len(plan.unexpected), plan.unexpected[:3]
         )
-    _tie_output_embeddings(model)
+    _tie_weights(model, loaded)
     _check_complete(model, model_path, targets, loaded)
 
 
@@ -170,8 +170,19 @@ def _check_complete(model: nn.Module, model_path: str, targets: dict[str, torch.
         )
 
 
-def _tie_output_embeddings(model: nn.Module) -> None:
-    """Point the LM head at the input embedding when the model ties them."""
-    lm_head = model.get_output_embeddings()
-    if lm_head is not None and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        lm_head.weight = model.get_input_embeddings().weight
+def _tie_weights(model: nn.Module, loaded: set[str]) -> None:
+    """Tie what transformers ties (``get_expanded_tied_weights_keys``: the LM head to the input
+    embedding under tie_word_embeddings, RoBERTa's decoder bias to its head's bias, ...) where
+    the checkpoint filled one side only, to the side it filled, as ``from_pretrained`` does."""
+    for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+        if target in loaded and source not in loaded:
+            target, source = source, target
+        if target in loaded or source not in loaded:
+            continue  # both in the checkpoint (kept apart, as transformers keeps differing ones), or neither
+        shared = model.get_parameter(source)
+        owner_name, _, attr = target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if getattr(owner, attr).shape != shared.shape:  # e.g. one side vocab-parallel, the other replicated
+            raise ValueError(f"{target} is tied to {source}, but their shards differ: {list(getattr(owner, attr).shape)} and {list(shared.shape)}")
+        setattr(owner, attr, shared)
+        loaded.add(target)

@@ -71,11 +71,12 @@ class UnsupportedAttention(NotImplementedError):
 # Keywords transformers' attention classes pass that cannot change what is computed here:
 # positions and caching are the batch's (srt keeps its own paged cache), dropout is off in
 # eval mode, and the rest are the model's own output switches, handed down with its
-# ``**kwargs``. ``is_causal`` may only confirm causal attention.
+# ``**kwargs`` (a multimodal wrapper hands its ``logits_to_keep`` down the same way).
+# ``is_causal`` may only confirm causal attention.
 _HARMLESS_KEYWORDS = frozenset(
     {
         "dropout", "position_ids", "use_cache", "cache_position", "past_key_values",
-        "output_attentions", "output_hidden_states", "output_router_logits", "return_dict",
+        "output_attentions", "output_hidden_states", "output_router_logits", "return_dict", "logits_to_keep",
     }
 )  # fmt: skip
 
