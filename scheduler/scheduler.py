@@ -21,7 +21,7 @@ from srt.mem_cache.chunk_cache import ChunkCache
 from srt.mem_cache.radix_cache import RadixCache
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
-from srt.platform.device import default_chunked_prefill_size
+from srt.platform.device import default_chunked_prefill_size, in_host_memory
 from srt.runtime.messages import BatchTokenOut, FinishAbort, InternalState, TokenizedGenerateReq
 from srt.sampling.grammar.backend import GrammarKey, create_grammar_backend
 from srt.sampling.grammar.mask_filler import MaskFiller
@@ -67,7 +67,7 @@ class Scheduler:
             any_whitespace=not server_args.constrained_json_disable_any_whitespace,
         )
         self.grammars = GrammarQueue(backend, _GRAMMAR_CACHE_SIZE) if backend else None
-        self.masks = MaskFiller(backend, pin_memory=runner.device.type == "cuda") if backend else None
+        self.masks = MaskFiller(backend, pin_memory=not in_host_memory(runner.device)) if backend else None
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self._decode_steps = 0
