@@ -83,8 +83,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     probs = torch.softmax(logits / batch.temperatures, dim=-1)
     probs = _filter(probs, batch)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p exactly.
-    noise = -torch.log(_uniform(batch.seeds, batch.steps, probs.shape[-1]))
-    sampled = (probs / noise).argmax(dim=-1)
+    noise = _uniform(batch.seeds, batch.steps, probs.shape[-1]).log_().neg_()
+    sampled = torch.div(probs, noise, out=noise).argmax(dim=-1)
     return torch.where(batch.greedy, greedy_ids, sampled)
 
 
@@ -112,23 +112,28 @@ def _filter(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 _MASK32 = 0xFFFFFFFF
+_MIX_ROUNDS = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x297A2D39))
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding 32-bit values."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
-    x = ((x ^ (x >> 16)) * 0x297A2D39) & _MASK32
-    return x ^ (x >> 15)
+def _mix(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 ``x`` holding 32-bit values, in
+    place. On a whole batch's ``[B, V]`` draws every step, each temporary would be a fresh
+    mapping of tens of MB to fault in (the scheduler keeps large blocks out of the heap), so
+    the rounds reuse ``x`` and one ``scratch`` tensor of its shape."""
+    scratch = torch.empty_like(x) if scratch is None else scratch
+    x.bitwise_and_(_MASK32)
+    for shift, multiplier in _MIX_ROUNDS:
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch)).mul_(multiplier).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=scratch))
 
 
 def _uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform (0, 1) draws of shape ``[B, V]`` determined by (seed, step, token)."""
-    row = _mix(_mix(seeds) ^ _mix(steps + 0x9E3779B9))
+    """Uniform (0, 1) draws of shape ``[B, V]`` (float64) determined by (seed, step, token)."""
+    row = _mix(_mix(seeds.clone()) ^ _mix(steps + 0x9E3779B9))
     tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix(row[:, None] * 0x01000193 + tokens[None, :])
-    return (bits.to(torch.float64) + 0.5) / 2**32
+    bits = torch.add(tokens[None, :], row[:, None] * 0x01000193)
+    bits = _mix(bits, torch.empty_like(bits))
+    return bits.to(torch.float64).add_(0.5).div_(2**32)
 
 
 @dataclass
