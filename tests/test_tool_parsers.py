@@ -8,12 +8,14 @@ normal text, whole.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
 import pytest
 
-from srt.entrypoints.openai.reasoning_parser import reasoning_parser
+from srt.entrypoints.openai.chat_output import ChoiceOutput
+from srt.entrypoints.openai.reasoning_parser import REASONING_PARSERS, reasoning_parser
 from srt.entrypoints.openai.tool_parsers import (
     PARSERS,
     CallArgs,
@@ -26,6 +28,8 @@ from srt.entrypoints.openai.tool_parsers import (
     collect,
     detect_tool_parser,
 )
+from srt.runtime.messages import FinishStop
+from tiny_models import byte_tokenizer
 
 TOOLS = ["get_weather", "f"]
 PARIS = ToolCall("get_weather", '{"city": "Paris"}')
@@ -300,6 +304,16 @@ def test_the_format_is_detected_from_the_chat_template(template, name):
     assert detect_tool_parser(template) == name
 
 
+def test_every_parser_is_a_server_choice():
+    import typing
+
+    from srt.server_args import ServerArgs
+
+    hints = typing.get_type_hints(ServerArgs)
+    assert set(typing.get_args(typing.get_args(hints["tool_call_parser"])[0])) == set(PARSERS)
+    assert set(typing.get_args(typing.get_args(hints["reasoning_parser"])[0])) == set(REASONING_PARSERS)
+
+
 # ---- reasoning -------------------------------------------------------------------------------------
 
 
@@ -341,3 +355,48 @@ def test_reasoning(name, prompt, text, expected):
 def test_enable_thinking_false_turns_reasoning_off():
     assert reasoning_parser("qwen3", "", {"enable_thinking": False}) is None
     assert reasoning_parser("qwen3", "", {"enable_thinking": True}) is not None
+
+
+# ---- a choice's whole output: reasoning, then calls from the rest ----------------------------------
+
+
+def choice_events(make_output, text: str, seed: int, finish=FinishStop(2)) -> tuple[ChoiceOutput, list]:
+    output = make_output()
+    parts = pieces(text, seed)
+    events = [e for piece in parts[:-1] for e in output.read(piece, None)]
+    return output, events + output.read(parts[-1], finish)
+
+
+@pytest.mark.parametrize("seed", [-1, *range(6)])
+def test_reasoning_then_tool_calls(seed):
+    text = "<think>\nThe user wants the weather.\n</think>\n\n" + HERMES_CALL
+    make = lambda: ChoiceOutput(reasoning_parser("qwen3", "", None), PARSERS["hermes"](TOOLS))  # noqa: E731
+    output, events = choice_events(make, text, seed)
+    message = output.message(events)
+    assert message.reasoning_content == "The user wants the weather." and message.content is None
+    (call,) = message.tool_calls
+    assert (call.function.name, call.function.arguments) == (PARIS.name, PARIS.arguments) and call.id.startswith("call_")
+    assert output.finish_reason("stop") == "tool_calls" and output.finish_reason("length") == "length"
+
+    deltas = output.deltas(events)
+    assert "".join(d.reasoning_content or "" for d in deltas) == message.reasoning_content
+    call_deltas = [c for d in deltas for c in d.tool_calls or ()]
+    first, *rest = call_deltas
+    assert (first.id, first.type, first.function.name, first.function.arguments) == (call.id, "function", "get_weather", "")
+    assert all(c.id is None and c.function.name is None for c in rest)
+    assert "".join(c.function.arguments for c in rest) == call.function.arguments
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_special_token_markers_are_kept_and_the_stop_token_cut():
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]", "[ARGS]"]})
+    stop = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    assert not ChoiceOutput(None, PARSERS["hermes"](TOOLS), tokenizer).keeps_special_tokens  # its markers are no special tokens
+    assert not ChoiceOutput(None, PARSERS["mistral"](TOOLS), None).keeps_special_tokens  # the request chose
+    output = ChoiceOutput(None, PARSERS["mistral"](TOOLS), tokenizer)
+    assert output.keeps_special_tokens
+    stop_text = tokenizer.decode([stop], skip_special_tokens=False)  # what the detokenizer gives for it
+    events = output.read('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}' + stop_text, FinishStop(stop))
+    message = output.message(events)
+    assert message.content is None and message.tool_calls[0].function.arguments == PARIS.arguments

@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: messages rendered with the chat template, the answer streamed or whole."""
+"""``POST /v1/chat/completions``: messages (and tools) rendered with the chat template, and each
+choice's output returned as reasoning, content and tool calls, streamed or whole."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pydantic import BaseModel
 from srt.entrypoints.api_schema import json_or_event_stream
 from srt.entrypoints.errors import APIError
 from srt.entrypoints.offload import off_loop_if_long
+from srt.entrypoints.openai.chat_output import ChoiceOutput
 from srt.entrypoints.openai.generation import Generation, check_body, event_stream, finish_reason, include_usage, matched_stop, max_new_tokens
 from srt.entrypoints.openai.logprobs import chat_logprobs
-from srt.entrypoints.openai.prompts import chat_input_ids
+from srt.entrypoints.openai.prompts import chat_prompt, chat_template_text
 from srt.entrypoints.openai.protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -21,9 +22,12 @@ from srt.entrypoints.openai.protocol import (
     ChatStreamChoice,
     Usage,
 )
+from srt.entrypoints.openai.reasoning_parser import reasoning_parser
+from srt.entrypoints.openai.tool_calls import ToolUse, server_tool_parser, tool_use
 from srt.entrypoints.results import collect
 from srt.entrypoints.streaming import until_disconnected
 from srt.runtime.messages import ReqOutput
+from srt.tokenizer_manager.manager import TokenizerManager
 
 router = APIRouter()
 
@@ -37,12 +41,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model, tm = check_body(request, body)
     if not body.logprobs and body.top_logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    chars = sum(len(str(m.content)) for m in body.messages or ())
-    input_ids = await off_loop_if_long(chars, chat_input_ids, tm.tokenizer, request.app.state.server_args.chat_template, body)
+    server_args = request.app.state.server_args
+    tools = _tool_use(body, tm, server_args)
+    chars = sum(len(str(m.content)) for m in body.messages or ()) + len(str(body.tools or ""))
+    prompt, input_ids = await off_loop_if_long(chars, chat_prompt, tm.tokenizer, server_args.chat_template, body)
     limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = max_new_tokens(tm, len(input_ids), getattr(body, limit), "messages", limit)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    gen = Generation(tm, "chatcmpl", body, [input_ids], [max_new], top_logprobs)
+    outputs = [_choice_output(body, tm, server_args.reasoning_parser, tools, prompt) for _ in range(body.n)]
+    extra_params = {"json_schema": tools.json_schema} if tools.constrained else {}
+    if outputs[0].keeps_special_tokens:  # the parsers read markers that decoding would leave out
+        extra_params["skip_special_tokens"] = False
+    gen = Generation(tm, "chatcmpl", body, [input_ids], [max_new], top_logprobs, extra_params=extra_params)
 
     def logprobs_of(token_ids: list[int], logprobs: list[float], tops: list[list]):
         return chat_logprobs(tm.tokenizer, token_ids, logprobs, tops) if body.logprobs else None
@@ -53,14 +63,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             return ChatCompletionChunk(id=gen.id, created=gen.created, model=model, choices=choices, usage=usage)
 
         def render(index: int, out: ReqOutput) -> list[BaseModel]:
-            chunks = []
-            if out.text or (body.logprobs and out.new_token_ids):
-                logprobs = logprobs_of(out.new_token_ids, out.logprobs, out.top_logprobs)
-                content = ChatStreamChoice(index=index, delta=ChatDelta(content=out.text), logprobs=logprobs)
-                chunks.append(chunk([content]))
+            output = outputs[index]
+            deltas = output.deltas(output.read(out.text, out.finish_reason))
+            logprobs = logprobs_of(out.new_token_ids, out.logprobs, out.top_logprobs) if out.new_token_ids else None
+            if logprobs is not None and not deltas:
+                deltas = [ChatDelta(content="")]  # the tokens' logprobs, whose text is held back
+            chunks = [
+                chunk([ChatStreamChoice(index=index, delta=delta, logprobs=logprobs if i == 0 else None)])
+                for i, delta in enumerate(deltas)
+            ]
             if (reason := out.finish_reason) is not None:
                 finish = ChatStreamChoice(
-                    index=index, delta=ChatDelta(), finish_reason=finish_reason(reason), matched_stop=matched_stop(reason)
+                    index=index, delta=ChatDelta(), finish_reason=output.finish_reason(finish_reason(reason)), matched_stop=matched_stop(reason)
                 )
                 chunks.append(chunk([finish]))
             return chunks
@@ -72,15 +86,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return event_stream(gen, head, render, usage_chunk)
 
     results = await until_disconnected(request, collect(tm, gen.reqs))
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=r.text),
-            logprobs=logprobs_of(r.output_ids, r.logprobs, r.top_logprobs),
-            finish_reason=finish_reason(r.finish_reason),
-            matched_stop=matched_stop(r.finish_reason),
-        )
-        for i, r in enumerate(results)
-    ]
+    choices = []
+    for i, (r, output) in enumerate(zip(results, outputs)):
+        message = output.message(output.read(r.text, r.finish_reason))
+        reason = output.finish_reason(finish_reason(r.finish_reason))
+        logprobs = logprobs_of(r.output_ids, r.logprobs, r.top_logprobs)
+        choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason, matched_stop=matched_stop(r.finish_reason)))
     usage = gen.usage(results)
     return ChatCompletionResponse(id=gen.id, created=gen.created, model=model, choices=choices, usage=usage)
+
+
+def _tool_use(body: ChatCompletionRequest, tm: TokenizerManager, server_args) -> ToolUse:
+    parser = None
+    if body.tools:  # the template is read only when there are tools to read calls of
+        parser = server_tool_parser(server_args.tool_call_parser, chat_template_text(tm.tokenizer, server_args.chat_template))
+    return tool_use(body, parser)
+
+
+def _choice_output(body: ChatCompletionRequest, tm: TokenizerManager, reasoning: str | None, tools: ToolUse, prompt: str) -> ChoiceOutput:
+    # A grammar that enforces calls leaves the model no room to think first.
+    thinks = reasoning is not None and body.separate_reasoning and not tools.constrained
+    reasoning_parser_ = reasoning_parser(reasoning, prompt, body.chat_template_kwargs) if thinks else None
+    return ChoiceOutput(reasoning_parser_, tools.parser(), tm.tokenizer if body.skip_special_tokens is None else None)

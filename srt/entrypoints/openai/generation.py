@@ -120,12 +120,13 @@ class Generation:
         max_new: list[int],
         top_logprobs: int | None,  # None: no logprobs
         echo: bool = False,  # with logprobs: the prompt's logprobs too
+        extra_params: dict[str, Any] | None = None,  # sampling parameters the route adds (a tool call grammar)
     ) -> None:
         self.tm = tm
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompts = prompts
-        common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True)
+        common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True) | (extra_params or {})
         if body.min_tokens is not None:
             common["min_new_tokens"] = body.min_tokens
         params: list[dict[str, Any]] = []
