@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from srt.detokenizer.incremental import CONTEXT_TOKENS, find_stop
-from srt.runtime.messages import BatchTokenOut, DetokInit, FinishLength, FinishStop, TokenOutput
+from srt.runtime.messages import BatchTokenOut, DetokInit, FinishAbort, FinishLength, FinishStop, TokenOutput
+from srt.sampling.grammar.mask_filler import BatchBitmask
 from srt.sampling.sampler import SamplingBatch, SamplingRequest, sample, token_logprobs
 from srt.scheduler.req import Req
 
@@ -22,12 +23,15 @@ class OutputProcessor:
         self.vocab_size = vocab_size
         self.outbox = BatchTokenOut([])
 
-    def sample(self, reqs: list[Req], logits: torch.Tensor) -> list[Req]:
-        """Give each request its next token; returns the requests that finished."""
+    def sample(self, reqs: list[Req], logits: torch.Tensor, grammar_mask: BatchBitmask | None = None) -> list[Req]:
+        """Give each request its next token (within its grammar, if it has one: ``grammar_mask``
+        holds the rows); returns the requests that finished."""
         sampling = SamplingBatch.build(
-            [SamplingRequest(r.params, r.input_ids, r.output_ids, r.seed, r.stop_ids) for r in reqs],
+            # A grammar decides alone where the output may end: min_new_tokens does not hold its stop tokens back.
+            [SamplingRequest(r.params, r.input_ids, r.output_ids, r.seed, [] if r.grammar else r.stop_ids) for r in reqs],
             self.vocab_size,
             logits.device,
+            grammar_mask,
         )
         next_ids = sample(logits, sampling)
         logprobs = None
@@ -42,7 +46,8 @@ class OutputProcessor:
                 if logprobs is not None and req.return_logprob:
                     req.unsent_logprobs.append(logprobs.chosen[i])
                     req.unsent_top_logprobs.append(logprobs.top[i])
-                self._check_finished(req, token)
+                if req.grammar is None or self._advance_grammar(req, token):
+                    self._check_finished(req, token)
             if req.stream or req.finished:
                 self.emit(req)
             if req.finished:
@@ -74,6 +79,15 @@ class OutputProcessor:
         for req in reqs:
             if req.wants_input_logprobs and req.kv_len + req.extend_len >= len(req.input_ids):
                 req.input_logprobs_done = True
+
+    @staticmethod
+    def _advance_grammar(req: Req, token: int) -> bool:
+        """Feed the token to the request's grammar; False when that finished the request."""
+        if not req.grammar.accept(token):  # the mask allowed only tokens the grammar accepts: a bug if reached
+            req.finish_reason = FinishAbort(f"the grammar rejected the sampled token {token}", status_code=500)
+        elif req.grammar.is_terminated():
+            req.finish_reason = FinishStop(token)
+        return req.finish_reason is None
 
     def _check_finished(self, req: Req, token: int) -> None:
         if token in req.stop_ids and len(req.output_ids) >= req.params.min_new_tokens:

@@ -25,6 +25,7 @@ from srt.runtime.messages import (
     FlushCacheReply,
     FlushCacheReq,
     GetInternalStateReq,
+    GrammarsReady,
     InternalStateReply,
     SchedulerInfo,
     TokenizedGenerateReq,
@@ -34,6 +35,7 @@ from srt.scheduler.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 _IDLE_HEARTBEAT_MS = 1000
+_COMPILE_POLL_MS = 2  # how often an otherwise idle rank 0 looks whether a grammar compile has ended
 
 
 def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None:
@@ -73,21 +75,24 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
 def _next_messages(scheduler: Scheduler, inbox: Receiver | None, tp_group: TPGroup) -> list:
     """This step's messages, the same list in the same order on every rank.
 
-    Rank 0 reads its socket (blocking while idle) and broadcasts what it got; the other
-    ranks receive that broadcast, so every rank schedules identically. With several
-    ranks an idle leader still broadcasts (an empty list) every second, which keeps
-    the followers' collectives inside their timeout.
+    Rank 0 reads its socket (blocking while idle) and adds which grammar compiles have
+    ended; with several ranks it broadcasts the list and the other ranks receive it, so
+    every rank schedules identically. An idle rank 0 still broadcasts (an empty list)
+    every second, which keeps the followers' collectives inside their timeout.
     """
-    if tp_group.size == 1:
-        return inbox.recv_all() if scheduler.has_work() else [inbox.recv()]
     if inbox is None:
         return decode(tp_group.broadcast_bytes(None))
     if scheduler.has_work():
         messages = inbox.recv_all()
+    elif tp_group.size == 1 and not scheduler.compiling():
+        messages = [inbox.recv()]
     else:
-        first = inbox.recv(timeout_ms=_IDLE_HEARTBEAT_MS)
+        first = inbox.recv(timeout_ms=_COMPILE_POLL_MS if scheduler.compiling() else _IDLE_HEARTBEAT_MS)
         messages = [] if first is None else [first, *inbox.recv_all()]
-    tp_group.broadcast_bytes(encode(messages))
+    if ready := scheduler.ready_grammars():
+        messages.append(GrammarsReady(ready))
+    if tp_group.size > 1:
+        tp_group.broadcast_bytes(encode(messages))
     return messages
 
 
@@ -97,6 +102,8 @@ def _dispatch(scheduler: Scheduler, msg) -> FlushCacheReply | InternalStateReply
         scheduler.add_request(msg)
     elif isinstance(msg, AbortReq):
         scheduler.abort(msg.rid)
+    elif isinstance(msg, GrammarsReady):
+        scheduler.admit_grammars(msg.rids)
     elif isinstance(msg, FlushCacheReq):
         return FlushCacheReply(msg.request_id, scheduler.flush_cache())
     elif isinstance(msg, GetInternalStateReq):

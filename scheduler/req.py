@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from srt.runtime.messages import FinishReason
+from srt.sampling.grammar.backend import GrammarMatcher
 from srt.sampling.sampling_params import SamplingParams
 
 
@@ -25,6 +26,9 @@ class Req:
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # The request's place in its grammar (json_schema / regex / ebnf), once compiled. It has
+    # accepted every output token, so it stays valid through retraction, which keeps them.
+    grammar: GrammarMatcher | None = None
 
     # KV state: the first ``kv_len`` tokens of ``fill_ids`` have K/V at
     # req_to_token[req_pool_idx, :kv_len]; ``prefix_node`` is the locked radix node.

@@ -23,7 +23,10 @@ from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
 from srt.platform.device import default_chunked_prefill_size
 from srt.runtime.messages import BatchTokenOut, FinishAbort, InternalState, TokenizedGenerateReq
+from srt.sampling.grammar.backend import GrammarKey, create_grammar_backend
+from srt.sampling.grammar.mask_filler import MaskFiller
 from srt.scheduler.decode import DecodeScheduler
+from srt.scheduler.grammar_queue import GrammarQueue
 from srt.scheduler.memory import RequestMemory
 from srt.scheduler.output import OutputProcessor
 from srt.scheduler.prefill import PrefillAdmission
@@ -31,6 +34,8 @@ from srt.scheduler.req import Req
 from srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+
+_GRAMMAR_CACHE_SIZE = 1024  # compiled grammars kept (xgrammar's are tens of KB to a few MB each)
 
 
 class Scheduler:
@@ -54,6 +59,15 @@ class Scheduler:
             server_args, self.memory, self.decode, runner.plan.max_running_requests, chunk if chunk > 0 else None
         )
         self.output = OutputProcessor(tokenizer, self.context_length, self.vocab_size)
+        backend = create_grammar_backend(
+            server_args.grammar_backend,
+            tokenizer,
+            self.vocab_size,
+            self.eos_ids,
+            any_whitespace=not server_args.constrained_json_disable_any_whitespace,
+        )
+        self.grammars = GrammarQueue(backend, _GRAMMAR_CACHE_SIZE) if backend else None
+        self.masks = MaskFiller(backend, pin_memory=runner.device.type == "cuda") if backend else None
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self._decode_steps = 0
@@ -71,7 +85,28 @@ class Scheduler:
             msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num, msg.stream,
             msg.logprob_start_len,
         )  # fmt: skip
-        self.waiting.append(req)
+        if params.constraint is None:
+            self.waiting.append(req)
+        elif self.grammars is None:  # the TokenizerManager refuses these; a direct caller gets told too
+            req.finish_reason = FinishAbort(f"{params.constraint[0]} needs a grammar backend (--grammar-backend)", 400)
+            self.output.emit(req)
+        else:
+            self.grammars.add(req, GrammarKey(*params.constraint))
+
+    def ready_grammars(self) -> list[str]:
+        """Requests whose grammar compile is over (asked on rank 0, which tells the others)."""
+        return self.grammars.ready_rids() if self.grammars else []
+
+    def admit_grammars(self, rids: list[str]) -> None:
+        """Move these requests from the grammar queue to the waiting queue (a failed compile ends them)."""
+        for req in self.grammars.take(rids):
+            if req.finished:
+                self.output.emit(req)
+            else:
+                self.waiting.append(req)
+
+    def compiling(self) -> bool:
+        return bool(self.grammars)
 
     def abort(self, rid: str) -> None:
         """Drop a request wherever it is, freeing its memory now; its last output says so."""
@@ -80,6 +115,8 @@ class Scheduler:
             (self.waiting if req in self.waiting else self.running).remove(req)
         elif self.prefill.chunked is not None and self.prefill.chunked.rid == rid:
             req, self.prefill.chunked = self.prefill.chunked, None
+        elif self.grammars is not None:
+            req = self.grammars.abort(rid)
         if req is not None:
             req.finish_reason = FinishAbort("aborted")
             self.memory.release(req)
@@ -106,7 +143,7 @@ class Scheduler:
             cached_tokens=self.cache.total_size(),
             evictable_tokens=self.cache.evictable_size(),
             running_requests=len(self.running) + (self.prefill.chunked is not None),
-            waiting_requests=len(self.waiting),
+            waiting_requests=len(self.waiting) + (len(self.grammars) if self.grammars else 0),
             free_request_slots=pool.available_size(),
             total_request_slots=pool.size,
             num_retractions=self.decode.num_retractions,
@@ -128,7 +165,12 @@ class Scheduler:
 
     def _run(self, prefill: list[Req], decode: list[Req]) -> None:
         batch = prefill + decode
-        logits = self.runner.forward(self._forward_batch(batch))  # a row per entry of each req.logit_positions
+        forward_batch = self._forward_batch(batch)
+        # Requests whose whole prompt (or decode token) is in the cache after this forward get a next
+        # token from their last logits row; a request in the middle of a chunked prefill does not.
+        sampled = [(i, r) for i, r in enumerate(batch) if r.pending_len == r.extend_len]
+        masks = self.masks.start([r.grammar for _, r in sampled]) if self.masks else None  # filled during the forward
+        logits = self.runner.forward(forward_batch)  # a row per entry of each req.logit_positions
         ends = list(itertools.accumulate(len(r.logit_positions) for r in batch))
         if any(r.wants_input_logprobs for r in prefill):
             self.output.add_input_logprobs(prefill, logits, ends)
@@ -136,11 +178,9 @@ class Scheduler:
             req.kv_len += req.extend_len
         for req in prefill:
             self.memory.cache_prefix(req)
-        # Requests whose whole prompt (or decode token) is now in the cache get a next token from
-        # their last logits row; a request in the middle of a chunked prefill does not.
-        sampled = [(i, r) for i, r in enumerate(batch) if r.pending_len == 0]
         if sampled:
-            for req in self.output.sample([r for _, r in sampled], logits[[ends[i] - 1 for i, _ in sampled]]):
+            rows = logits[[ends[i] - 1 for i, _ in sampled]]
+            for req in self.output.sample([r for _, r in sampled], rows, masks.result() if masks else None):
                 if req in self.running:
                     self.running.remove(req)
                 self.memory.release(req)

@@ -64,6 +64,10 @@ class ServerArgs:
     node_rank: int = 0
     dist_init_addr: str | None = None
 
+    # Constrained decoding
+    grammar_backend: Literal["xgrammar", "llguidance", "none"] = field(default="xgrammar", metadata={"help": "library that compiles json_schema / regex / ebnf constraints; none refuses them"})
+    constrained_json_disable_any_whitespace: bool = field(default=False, metadata={"help": "JSON output has no free whitespace between tokens (by default the grammar allows any)"})
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = 30000

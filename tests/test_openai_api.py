@@ -276,10 +276,12 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/cat
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages"),
         ("/v1/chat/completions", {**CHAT, "messages": "hi"}, "messages"),
-        ("/v1/chat/completions", {**CHAT, "regex": "a+"}, "regex"),
-        ("/v1/chat/completions", {**CHAT, "json_schema": {"type": "object"}}, "json_schema"),
-        ("/v1/chat/completions", {**CHAT, "ebnf": "root ::= 'a'"}, "ebnf"),
-        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {**CHAT, "regex": 5}, "regex"),
+        ("/v1/chat/completions", {**CHAT, "json_schema": "{"}, None),  # not JSON
+        ("/v1/chat/completions", {**CHAT, "ebnf": "root ::= undefined"}, None),  # does not compile
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
+        ("/v1/chat/completions", {**CHAT, "regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),  # no stream
         ("/v1/completions", {**COMPLETION, "max_tokens": -1}, "max_tokens"),
@@ -294,7 +296,7 @@ IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/cat
         ("/v1/completions", {**COMPLETION, "prompt": ""}, None),
         ("/v1/completions", {**COMPLETION, "echo": True, "stream": True}, "echo"),
         ("/v1/completions", {**COMPLETION, "suffix": "x"}, "suffix"),
-        ("/v1/completions", {**COMPLETION, "regex": "a+"}, "regex"),
+        ("/v1/completions", {**COMPLETION, "regex": "(a"}, None),  # does not compile
         ("/v1/completions", {"model": MODEL}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": "\ud800"}, "prompt"),
         ("/v1/completions", {**COMPLETION, "prompt": ["ok", "\ud800"]}, "prompt"),

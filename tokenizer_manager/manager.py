@@ -148,6 +148,8 @@ class TokenizerManager:
             raise InvalidRequestError(f"logit_bias names {len(params.logit_bias)} tokens, more than the {limit} allowed", "logit_bias")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer (this server runs with --skip-tokenizer-init)", "stop")
+        if params.constraint is not None:
+            self._check_grammar_served(params.constraint[0])
         if not input_ids:
             raise InvalidRequestError("the prompt is empty", param="input_ids")
         if min(input_ids) < 0 or max(input_ids) >= info.vocab_size:
@@ -162,6 +164,12 @@ class TokenizerManager:
             )
             raise InvalidRequestError(message, param="max_new_tokens", code="context_length_exceeded")
         return params
+
+    def _check_grammar_served(self, kind: str) -> None:
+        if self.runtime.server_args.grammar_backend == "none":
+            raise InvalidRequestError(f"{kind} needs a grammar backend (this server runs with --grammar-backend none)", kind)
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{kind} needs the tokenizer (this server runs with --skip-tokenizer-init)", kind)
 
     async def generate(self, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[tuple[int, ReqOutput]]:
         """Run every request at once; yield ``(index in reqs, output)`` as outputs arrive, a

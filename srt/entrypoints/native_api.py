@@ -21,7 +21,7 @@ from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.results import GenerateResult, collect
 from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
 from srt.runtime.generate_request import GenerateReqInput
-from srt.runtime.messages import TokenizedGenerateReq
+from srt.runtime.messages import FinishAbort, TokenizedGenerateReq
 from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
 
 router = APIRouter()
@@ -138,8 +138,15 @@ async def generate(body: GenerateReqInput, request: Request):
     reqs = await off_loop_if_long(sum(map(len, texts)), tm.check, body)
     if body.stream:
         return StreamingResponse(_sse_generate(tm, reqs, body.is_single), media_type="text/event-stream")
-    results = [r.to_dict() for r in await until_disconnected(request, collect(tm, reqs))]
+    results = await until_disconnected(request, collect(tm, reqs))
+    if refused := next((r.finish_reason for r in results if _refused(r.finish_reason)), None):
+        raise APIError(400, refused.message)  # e.g. a grammar that does not compile: the request's fault
+    results = [r.to_dict() for r in results]
     return results[0] if body.is_single else results
+
+
+def _refused(reason) -> bool:
+    return isinstance(reason, FinishAbort) and reason.status_code == 400
 
 
 async def _sse_generate(tm: TokenizerManager, reqs: list[TokenizedGenerateReq], single: bool) -> AsyncIterator[bytes]:

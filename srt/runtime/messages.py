@@ -82,6 +82,17 @@ class GetInternalStateReq:
     request_id: str
 
 
+# ---- scheduler rank 0 → the other ranks (inside the step's broadcast) --------------------------
+
+
+@dataclass
+class GrammarsReady:
+    """These requests' grammars have compiled (or failed to) on rank 0: every rank admits them
+    now, so all ranks keep scheduling identically although each compiles on its own."""
+
+    rids: list[str]
+
+
 # ---- scheduler → TokenizerManager (passed through by the detokenizer) ------------------------
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from srt.sampling.grammar.backend import apply_bitmask
+from srt.sampling.grammar.mask_filler import BatchBitmask
 from srt.sampling.logits_processor import LogitsProcessor, build_logits_processors
 from srt.sampling.sampling_params import SamplingParams
 
@@ -36,9 +38,12 @@ class SamplingBatch:
     seeds: torch.Tensor  # [B] int64
     steps: torch.Tensor  # [B] int64: output position being sampled
     processors: list[LogitsProcessor]  # applied in order before sampling
+    grammar_mask: BatchBitmask | None = None  # applied last: the grammar has the final word
 
     @classmethod
-    def build(cls, reqs: list[SamplingRequest], vocab_size: int, device: torch.device) -> SamplingBatch:
+    def build(
+        cls, reqs: list[SamplingRequest], vocab_size: int, device: torch.device, grammar_mask: BatchBitmask | None = None
+    ) -> SamplingBatch:
         params = [r.params for r in reqs]
 
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -55,12 +60,17 @@ class SamplingBatch:
             seeds=column([r.seed for r in reqs], torch.int64),
             steps=column([len(r.output_ids) for r in reqs], torch.int64),
             processors=build_logits_processors(reqs, vocab_size, device),
+            grammar_mask=grammar_mask,
         )
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     for processor in batch.processors:
         logits = processor(logits)
+    if batch.grammar_mask is not None:
+        if not batch.processors:
+            logits = logits.clone()  # the masking is in place, and the caller's logits give the model's logprobs
+        apply_bitmask(logits, batch.grammar_mask.bitmask, batch.grammar_mask.rows)
     return logits
 
 

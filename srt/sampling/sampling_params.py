@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import types
 import typing
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin
 
 _MAX_SEED = 2**31 - 1
+_CONSTRAINTS = ("json_schema", "regex", "ebnf")
 _INT64_MAX = 2**63 - 1  # integers reach int64 tensors
 
 
@@ -32,6 +34,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     n: int = 1
+    # Constrained decoding, one at a time (SGLang's names): the output must match the JSON
+    # schema (its JSON text), the regular expression, or the EBNF grammar (root rule ``root``).
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None, vocab_size: int | None = None) -> "SamplingParams":
@@ -51,11 +58,18 @@ class SamplingParams:
                 values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
             elif "logit_bias" in values:
                 values.pop("logit_bias")
+            if isinstance(values.get("json_schema"), (dict, bool)):  # a schema given as JSON, not as its text
+                values["json_schema"] = json.dumps(values["json_schema"])
             params = cls(**values)
             params.validate(vocab_size)
         except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. temperature: "hot"
             raise ValueError(f"invalid sampling parameters: {e}") from e
         return params
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """``(kind, text)`` of the grammar the output must follow, if any."""
+        return next(((kind, getattr(self, kind)) for kind in _CONSTRAINTS if getattr(self, kind) is not None), None)
 
     @property
     def is_greedy(self) -> bool:
@@ -83,6 +97,14 @@ class SamplingParams:
         require(isinstance(self.n, int) and self.n >= 1, f"n must be >= 1, got {self.n!r}")
         require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= _MAX_SEED), f"seed must be an integer in [0, {_MAX_SEED}], got {self.seed!r}")
         require(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
+        given = [kind for kind in _CONSTRAINTS if getattr(self, kind) is not None]
+        require(len(given) <= 1, f"only one of json_schema, regex and ebnf may be given, got {' and '.join(given)}")
+        require(all(getattr(self, kind) for kind in given), f"{''.join(given)} must not be empty")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from e
         if vocab_size is not None:
             bad = [t for t in [*self.stop_token_ids, *self.logit_bias] if not 0 <= t < vocab_size]
             require(not bad, f"token ids out of the vocabulary (size {vocab_size}): {bad[:5]}")

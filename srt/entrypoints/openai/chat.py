@@ -83,7 +83,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         opening = ChatDelta(role="assistant", content="")
         head = [chunk([ChatStreamChoice(index=i, delta=opening)]) for i in range(body.n)]
         usage_chunk = (lambda usage: chunk([], usage)) if include_usage(body) else None
-        return event_stream(gen, head, render, usage_chunk)
+        return await event_stream(request, gen, head, render, usage_chunk)
 
     results = await until_disconnected(request, collect(tm, gen.reqs))
     choices = []

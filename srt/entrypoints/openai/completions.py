@@ -54,7 +54,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             return [response([choice(index, out.text, logprobs, out.finish_reason)])]
 
         usage_chunk = (lambda usage: response([], usage)) if include_usage(body) else None
-        return event_stream(gen, [], render, usage_chunk)
+        return await event_stream(request, gen, [], render, usage_chunk)
 
     results = await until_disconnected(request, collect(tm, gen.reqs))
     choices = []

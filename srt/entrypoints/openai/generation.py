@@ -21,9 +21,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from srt.entrypoints.errors import APIError, check_model
+from srt.entrypoints.openai.constraints import constraint_params
 from srt.entrypoints.openai.protocol import FinishReason, SamplingRequest, Usage
 from srt.entrypoints.results import GenerateResult
-from srt.entrypoints.streaming import SSE_DONE, sse
+from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
 from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError
 from srt.runtime.messages import FinishAbort, FinishReason as SrtFinishReason, FinishStop, ReqOutput, TokenizedGenerateReq
 from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
@@ -126,7 +127,7 @@ class Generation:
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompts = prompts
-        common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True) | (extra_params or {})
+        common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True) | constraint_params(body) | (extra_params or {})
         if body.min_tokens is not None:
             common["min_new_tokens"] = body.min_tokens
         params: list[dict[str, Any]] = []
@@ -160,7 +161,8 @@ class Generation:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total_tokens)
 
 
-def event_stream(
+async def event_stream(
+    request: Request,
     gen: Generation,
     head: list[BaseModel],
     render: Callable[[int, ReqOutput], list[BaseModel]],
@@ -169,18 +171,30 @@ def event_stream(
     """SSE: ``head``, the chunks ``render`` makes of each output, the usage chunk if asked for, ``[DONE]``.
 
     Once the response has started its status cannot change, so an error (an aborted
-    request, a dead runtime) is sent as an ``{"error": ...}`` event, as vLLM does."""
+    request, a dead runtime) is sent as an ``{"error": ...}`` event, as vLLM does. A
+    constrained request waits for its first output before the response starts, so that a
+    grammar that does not compile is a plain 400."""
 
     def event(chunk: BaseModel) -> bytes:
         return sse(chunk.model_dump(exclude_none=True))
+
+    outputs = gen.tm.generate(gen.reqs)
+    first: list[tuple[int, ReqOutput]] = []
+    if any(req.sampling_params.constraint for req in gen.reqs):
+        try:
+            first.append(await until_disconnected(request, anext(outputs)))
+            finish_reason(first[0][1].finish_reason)  # raises for an aborted request
+        except BaseException:
+            await outputs.aclose()
+            raise
 
     async def events() -> AsyncIterator[bytes]:
         for chunk in head:
             yield event(chunk)
         results = [GenerateResult(req.rid) for req in gen.reqs]
         try:
-            async with aclosing(gen.tm.generate(gen.reqs)) as outputs:
-                async for index, out in outputs:
+            async with aclosing(outputs):
+                async for index, out in _chain(first, outputs):
                     results[index].add(out)
                     for chunk in render(index, out):
                         yield event(chunk)
@@ -192,3 +206,10 @@ def event_stream(
         yield SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _chain(first: list[tuple[int, ReqOutput]], rest: AsyncIterator[tuple[int, ReqOutput]]) -> AsyncIterator[tuple[int, ReqOutput]]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 128  # choices per prompt: each is a full generation, so bound the fan-out of one request
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat, which vLLM applies to completions too
@@ -20,6 +20,22 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat, which vLLM applies to completi
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema travels as ``schema`` (a pydantic name clash)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # OpenAI's default: any JSON
+    strict: bool | None = None  # srt always constrains to the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingRequest(BaseModel):
@@ -50,12 +66,15 @@ class SamplingRequest(BaseModel):
     spaces_between_special_tokens: bool | None = None
     no_stop_trim: bool | None = None
 
-    # Constrained decoding (SGLang's names): declared only to be refused.
-    regex: Any = None
-    json_schema: Any = None
-    ebnf: Any = None
+    # Constrained decoding (SGLang's extensions): the output matches the regex, the JSON schema
+    # (an object, or its JSON text) or the EBNF grammar.
+    regex: str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    ebnf: str | None = None
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("regex", "json_schema", "ebnf")
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; SGLang and vLLM take it on completions too
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
 
     def unsupported(self) -> str | None:
         """The first field that asks for something srt cannot do yet, or None."""
@@ -69,7 +88,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None
 
-    UNSUPPORTED = ("regex", "json_schema", "ebnf", "suffix")
+    UNSUPPORTED = ("suffix",)
 
 
 class ContentPart(BaseModel):
@@ -129,10 +148,6 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=0)
@@ -141,16 +156,10 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (SGLang / vLLM)
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools, else none
     parallel_tool_calls: bool | None = None  # false: at most one call (None: true)
     separate_reasoning: bool = True  # SGLang's: with --reasoning-parser, thinking goes to reasoning_content
-
-    def unsupported(self) -> str | None:
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
-        return super().unsupported()
 
 
 # ---- responses ------------------------------------------------------------------------------

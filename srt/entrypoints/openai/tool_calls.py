@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from srt.entrypoints.errors import APIError
+from srt.entrypoints.openai.constraints import constraint_params
 from srt.entrypoints.openai.protocol import ChatCompletionRequest, NamedToolChoice, Tool
 from srt.entrypoints.openai.tool_parsers import PARSERS, JsonArrayParser, NamedCallParser, ToolParser, detect_tool_parser
 
@@ -76,9 +77,10 @@ def tool_use(body: ChatCompletionRequest, server_parser: str | None) -> ToolUse:
             )
             raise APIError(400, message, param="tools")
         return ToolUse("auto", names, server_parser, max_calls)
-    if (other := _constraint(body)) is not None:  # the output cannot match two grammars
+    if constraint_params(body):  # the output cannot follow two grammars
         what = choice if isinstance(choice, str) else f"function {choice.function.name!r}"
-        raise APIError(400, f"tool_choice {what} cannot be combined with {other}", param="tool_choice")
+        message = f"tool_choice {what} constrains the output itself: it cannot be combined with regex, json_schema, ebnf or response_format"
+        raise APIError(400, message, param="tool_choice")
     if isinstance(choice, NamedToolChoice):
         tool = next((t for t in tools if t.function.name == choice.function.name), None)
         if tool is None:
@@ -129,10 +131,3 @@ def _calls_schema(tools: list[Tool], max_calls: int | None) -> dict[str, Any]:
     if defs:
         schema["$defs"] = defs
     return schema
-
-
-def _constraint(body: ChatCompletionRequest) -> str | None:
-    """The field by which the body constrains the output itself, if any."""
-    if body.response_format is not None and body.response_format.type != "text":
-        return "response_format"
-    return next((name for name in ("regex", "json_schema", "ebnf") if getattr(body, name) is not None), None)

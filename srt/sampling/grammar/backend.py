@@ -1,0 +1,96 @@
+"""The grammar backend interface, and the token bitmask both libraries fill.
+
+A request's constraint (a JSON schema, a regex or an EBNF grammar) is compiled once per
+distinct text (``GrammarKey``) into a backend object that many requests share; each
+request then walks it with its own ``GrammarMatcher``. Before each sampling step a
+matcher writes the tokens its grammar allows next into one row of an int32 bitmask (bit
+``t % 32`` of word ``t // 32`` set when token ``t`` is allowed, xgrammar's and
+llguidance's common layout), and the sampler masks a whole batch's logits with it at
+once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+GrammarKind = Literal["json_schema", "regex", "ebnf"]  # SamplingParams.constraint's kinds
+
+
+class GrammarError(ValueError):
+    """The constraint does not compile; the message is the library's."""
+
+
+@dataclass(frozen=True)
+class GrammarKey:
+    kind: GrammarKind
+    text: str
+
+
+class GrammarMatcher(ABC):
+    """One request's position in its grammar."""
+
+    @abstractmethod
+    def accept(self, token: int) -> bool:
+        """Advance by ``token``; False when the grammar does not allow it (the state is then unchanged)."""
+
+    @abstractmethod
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens allowed next into ``bitmask[row]``."""
+
+    @abstractmethod
+    def is_terminated(self) -> bool:
+        """The grammar is complete and has accepted its stop token: nothing may follow."""
+
+
+class GrammarBackend(ABC):
+    """Compiles constraints for one tokenizer and vocabulary, and makes matchers of them."""
+
+    name: str
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size  # the logits' width, which may exceed the tokenizer's vocabulary
+
+    @abstractmethod
+    def compile(self, key: GrammarKey) -> Any:
+        """The compiled grammar (shared, read-only); GrammarError if it does not compile. Runs in a
+        worker thread."""
+
+    @abstractmethod
+    def matcher(self, compiled: Any, stop_ids: list[int]) -> GrammarMatcher:
+        """A fresh matcher whose grammar ends with one of ``stop_ids``."""
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        return torch.full((rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
+def create_grammar_backend(name: str, tokenizer, vocab_size: int, eos_ids: list[int], any_whitespace: bool) -> GrammarBackend | None:
+    """The backend ``--grammar-backend`` names, or None for ``none``."""
+    if name == "none":
+        return None
+    if tokenizer is None:
+        raise ValueError("--grammar-backend needs the tokenizer: use --grammar-backend none with --skip-tokenizer-init")
+    if name == "xgrammar":
+        from srt.sampling.grammar.xgrammar_backend import XGrammarBackend
+
+        return XGrammarBackend(tokenizer, vocab_size, eos_ids, any_whitespace)
+    if name == "llguidance":
+        from srt.sampling.grammar.llguidance_backend import LLGuidanceBackend
+
+        return LLGuidanceBackend(tokenizer, vocab_size, eos_ids, any_whitespace)
+    raise ValueError(f"unknown grammar backend {name!r}")
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set ``logits[r, t]`` to -inf for every row ``r`` in ``rows`` and token ``t`` that
+    ``bitmask[r]`` disallows, in place (the other rows are left as they are).
+
+    Both libraries share the layout, so xgrammar's kernels serve either backend: a
+    vectorized loop on CPU (unpacking the bits with torch ops costs 1000x more), a CUDA or
+    Triton kernel on GPUs."""
+    import xgrammar
+
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
