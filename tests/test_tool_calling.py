@@ -139,7 +139,7 @@ def test_a_call_cut_off_by_max_tokens_stays_partial_and_length(client):
 
 
 def test_reasoning_then_a_call(client):
-    response = chat(client, **forced("<think>I need the weather.</think>\n" + CALL_REGEX))
+    response = chat(client, **forced(r"<think>I need the weather\.</think>\n" + CALL_REGEX))
     message = response.choices[0].message
     assert message.model_extra["reasoning_content"] == "I need the weather." and message.content is None
     assert message.tool_calls[0].function.name == "get_weather"
