@@ -6,11 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from srt.entrypoints.api_schema import json_or_event_stream
 from srt.entrypoints.errors import APIError
 from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.openai.chat_output import ChoiceOutput
-from srt.entrypoints.openai.generation import Generation, check_body, event_stream, finish_reason, include_usage, matched_stop, max_new_tokens
+from srt.entrypoints.openai.generation import Generation, check_body, event_stream, finish_reason, include_usage, matched_stop, max_new_tokens, post_route
 from srt.entrypoints.openai.logprobs import chat_logprobs
 from srt.entrypoints.openai.prompts import chat_prompt, chat_template_text
 from srt.entrypoints.openai.protocol import (
@@ -27,16 +26,13 @@ from srt.entrypoints.openai.tool_calls import ToolUse, server_tool_parser, tool_
 from srt.entrypoints.results import collect
 from srt.entrypoints.streaming import until_disconnected
 from srt.runtime.messages import ReqOutput
+from srt.server_args import ServerArgs
 from srt.tokenizer_manager.manager import TokenizerManager
 
 router = APIRouter()
 
 
-@router.post(
-    "/v1/chat/completions",
-    response_model=None,
-    responses=json_or_event_stream(ChatCompletionResponse, "The chat completion; with stream: true, ChatCompletionChunk events"),
-)
+@post_route(router, "/v1/chat/completions", ChatCompletionResponse, "The chat completion; with stream: true, ChatCompletionChunk events")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     model, tm = check_body(request, body)
     if not body.logprobs and body.top_logprobs:
@@ -96,7 +92,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     return ChatCompletionResponse(id=gen.id, created=gen.created, model=model, choices=choices, usage=usage)
 
 
-def _tool_use(body: ChatCompletionRequest, tm: TokenizerManager, server_args) -> ToolUse:
+def _tool_use(body: ChatCompletionRequest, tm: TokenizerManager, server_args: ServerArgs) -> ToolUse:
     parser = None
     if body.tools:  # the template is read only when there are tools to read calls of
         parser = server_tool_parser(server_args.tool_call_parser, chat_template_text(tm.tokenizer, server_args.chat_template))
@@ -106,5 +102,5 @@ def _tool_use(body: ChatCompletionRequest, tm: TokenizerManager, server_args) ->
 def _choice_output(body: ChatCompletionRequest, tm: TokenizerManager, reasoning: str | None, tools: ToolUse, prompt: str) -> ChoiceOutput:
     # A grammar that enforces calls leaves the model no room to think first.
     thinks = reasoning is not None and body.separate_reasoning and not tools.constrained
-    reasoning_parser_ = reasoning_parser(reasoning, prompt, body.chat_template_kwargs) if thinks else None
-    return ChoiceOutput(reasoning_parser_, tools.parser(), tm.tokenizer if body.skip_special_tokens is None else None)
+    thinking = reasoning_parser(reasoning, prompt, body.chat_template_kwargs) if thinks else None
+    return ChoiceOutput(thinking, tools.parser(), tm.tokenizer if body.skip_special_tokens is None else None)

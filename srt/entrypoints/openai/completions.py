@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from srt.entrypoints.api_schema import json_or_event_stream
 from srt.entrypoints.errors import APIError
-from srt.entrypoints.openai.generation import Generation, check_body, event_stream, finish_reason, include_usage, matched_stop, max_new_tokens
+from srt.entrypoints.openai.generation import Generation, check_body, event_stream, finish_reason, include_usage, matched_stop, max_new_tokens, post_route
 from srt.entrypoints.openai.logprobs import completion_logprobs
 from srt.entrypoints.openai.prompts import completion_prompts
 from srt.entrypoints.openai.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
@@ -19,11 +18,7 @@ from srt.tokenizer_manager.manager import TokenizerManager
 router = APIRouter()
 
 
-@router.post(
-    "/v1/completions",
-    response_model=None,
-    responses=json_or_event_stream(CompletionResponse, "The completion; with stream: true, CompletionResponse chunks"),
-)
+@post_route(router, "/v1/completions", CompletionResponse, "The completion; with stream: true, CompletionResponse chunks")
 async def create_completion(body: CompletionRequest, request: Request):
     model, tm = check_body(request, body)
     if body.echo and body.stream:

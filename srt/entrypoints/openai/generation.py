@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from srt.entrypoints.api_schema import json_or_event_stream
 from srt.entrypoints.errors import APIError, check_model
 from srt.entrypoints.openai.constraints import constraint_params
 from srt.entrypoints.openai.protocol import FinishReason, SamplingRequest, Usage
@@ -48,6 +49,12 @@ _SAMPLING_FIELDS = {
     "spaces_between_special_tokens",
     "no_stop_trim",
 }
+
+
+def post_route(router: APIRouter, path: str, body_model: type[BaseModel], description: str):
+    """The decorator of a route that answers ``body_model`` as JSON, or with ``stream: true`` an
+    event stream of chunks (so the OpenAPI schema documents both)."""
+    return router.post(path, response_model=None, responses=json_or_event_stream(body_model, description))
 
 
 # ---- checks ------------------------------------------------------------------------------------

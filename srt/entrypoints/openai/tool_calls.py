@@ -41,10 +41,6 @@ class ToolUse:
     def constrained(self) -> bool:
         return self.json_schema is not None
 
-    @property
-    def markers(self) -> tuple[str, ...]:
-        return PARSERS[self.parser_name].markers if self.parser_name else ()
-
     def parser(self) -> ToolParser | None:
         """A parser for one choice's output; None when no calls are read from it."""
         if self.choice == "auto":

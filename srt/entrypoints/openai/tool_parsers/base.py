@@ -32,7 +32,6 @@ class ToolParser(StreamReader):
     ``tool_names``: the functions the request offered (None: any name); a call to another is
     text. ``max_calls``: calls beyond it are dropped (``parallel_tool_calls: false``)."""
 
-    name: ClassVar[str]
     markers: ClassVar[tuple[str, ...]] = ()  # the format's literal markers (kept in the text when special tokens)
 
     def __init__(self, tool_names: Collection[str] | None = None, max_calls: int | None = None) -> None:

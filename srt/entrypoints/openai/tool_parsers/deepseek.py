@@ -14,7 +14,6 @@ CALL_BEGIN, SEPARATOR, CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep
 
 
 class DeepSeekV3Parser(ToolParser):
-    name = "deepseek_v3"
     markers = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, SEPARATOR, CALL_END)
     _NEXT = regex.compile(r"\s*(?P<marker><｜tool▁call▁begin｜>|<｜tool▁calls▁end｜>)")
     _HEADER = regex.compile(

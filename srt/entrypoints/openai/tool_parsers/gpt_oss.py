@@ -61,7 +61,6 @@ class GptOssParser(HarmonyReader, ToolParser):
     """Tool calls from harmony messages; ``final`` and commentary without a recipient are text,
     ``analysis`` is left out (``--reasoning-parser gpt-oss`` returns it as reasoning_content)."""
 
-    name = "gpt_oss"
     markers = MARKERS
 
     def __init__(self, *args, **kwargs) -> None:

@@ -15,7 +15,6 @@ class HermesParser(ToolParser):
     """Hermes, Qwen2.5 and Qwen3: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one
     block per call, text before and after."""
 
-    name = "hermes"
     markers = ("<tool_call>", "</tool_call>")
     _END = regex.compile(r"\s*</tool_call>")
 
@@ -30,7 +29,6 @@ class Llama3Parser(ToolParser):
     """Llama 3.1-3.3 JSON calls: ``{"name": ..., "parameters": {...}}``, after ``<|python_tag|>`` or as
     the whole output (the tag is a special token, often decoded away); several are joined by ``;``."""
 
-    name = "llama3"
     markers = ("<|python_tag|>",)
     _SEPARATOR = regex.compile(r"\s*;")
 
@@ -50,7 +48,6 @@ class MistralParser(ToolParser):
     """Mistral: ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`` (v3 tokenizers), or
     ``[TOOL_CALLS]name[ARGS]{...}`` per call (v11+; ``[CALL_ID]id`` may come before ``[ARGS]``)."""
 
-    name = "mistral"
     markers = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
     _NAMED = regex.compile(r"\s*(?P<name>[A-Za-z0-9_.-]+)(?:\[CALL_ID\][A-Za-z0-9_-]*)?\[ARGS\]\s*\{")
 
@@ -78,8 +75,6 @@ class MistralParser(ToolParser):
 class JsonArrayParser(ToolParser):
     """What ``tool_choice: required`` generates: a JSON array of ``{"name": ..., "parameters": {...}}``."""
 
-    name = "json_array"
-
     def _parse(self) -> Reading[None]:
         yield from self._json_call_array()
         yield from self._rest(self._text)
@@ -87,8 +82,6 @@ class JsonArrayParser(ToolParser):
 
 class NamedCallParser(ToolParser):
     """What a named ``tool_choice`` generates: the arguments object of that one function."""
-
-    name = "named"
 
     def __init__(self, function: str) -> None:
         self.function = function

@@ -18,7 +18,8 @@ _NAMES = {"True": True, "False": False, "None": None, "true": True, "false": Fal
 
 
 class PythonicParser(ToolParser):
-    name = "pythonic"
+    """A Python list of calls with keyword arguments (see the module's docstring)."""
+
     _START = regex.compile(r"\[\s*[A-Za-z_][\w.]*\s*\(")
 
     def _parse(self) -> Reading[None]:
