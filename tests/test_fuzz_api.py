@@ -25,15 +25,25 @@ SCALARS = (
     | st.sampled_from(["\ud800", "hi", "", "stop"])
 )
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+# JSON-schema-shaped objects, for the grammar compilers: schema keywords with arbitrary values.
+SCHEMA_WORDS = ["type", "properties", "items", "enum", "const", "required", "anyOf", "$ref", "$defs", "pattern", "minLength",
+                "maxLength", "minimum", "maximum", "minItems", "maxItems", "additionalProperties", "format", "prefixItems"]  # fmt: skip
+TYPE_NAMES = st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "objekt"])
+SCHEMAS = st.recursive(
+    st.dictionaries(st.sampled_from(SCHEMA_WORDS), TYPE_NAMES | SCALARS, max_size=3),
+    lambda inner: st.dictionaries(st.sampled_from(SCHEMA_WORDS), inner | st.lists(inner, max_size=3) | TYPE_NAMES, max_size=3),
+    max_leaves=10,
+)
 SAMPLING = ["temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop", "stop_token_ids",
-            "logit_bias", "ignore_eos", "skip_special_tokens", "seed", "n", "frequency_penalty", "repetition_penalty"]  # fmt: skip
+            "logit_bias", "ignore_eos", "skip_special_tokens", "seed", "n", "frequency_penalty", "repetition_penalty",
+            "json_schema", "regex", "ebnf"]  # fmt: skip
 ROUTES = {
     "/generate": ["text", "input_ids", "sampling_params", "stream", "return_logprob", "top_logprobs_num", "rid",
                   "logprob_start_len", "model", "return_hidden_states"],
     "/v1/completions": ["model", "prompt", "max_tokens", "n", "stream", "logprobs", "echo", "stop", "seed", "temperature",
-                        "top_p", "logit_bias", "stream_options", "top_k", "min_tokens", "ignore_eos"],
+                        "top_p", "logit_bias", "stream_options", "top_k", "min_tokens", "ignore_eos", "regex", "json_schema"],
     "/v1/chat/completions": ["model", "messages", "max_tokens", "n", "stream", "logprobs", "top_logprobs", "stop",
-                             "temperature", "tools", "tool_choice", "response_format", "chat_template_kwargs"],
+                             "temperature", "tools", "tool_choice", "response_format", "chat_template_kwargs", "ebnf"],
 }  # fmt: skip
 # Keeps the valid requests quick (for /generate, max_new_tokens is set in sampling_params).
 SMALL_GENERATION_FOR = {"/generate": {}, "/v1/completions": {"max_tokens": 2}, "/v1/chat/completions": {"max_tokens": 2}}
@@ -42,12 +52,18 @@ SMALL_GENERATION_FOR = {"/generate": {}, "/v1/completions": {"max_tokens": 2}, "
 def bodies(route: str) -> st.SearchStrategy[dict]:
     fields = ROUTES[route]
     known = st.dictionaries(st.sampled_from(fields), VALUES, max_size=5)
-    sampling = st.dictionaries(st.sampled_from(SAMPLING), VALUES, max_size=3)
+    sampling = st.tuples(
+        st.dictionaries(st.sampled_from(SAMPLING), VALUES, max_size=3),
+        st.just({}) | st.fixed_dictionaries({"json_schema": SCHEMAS}),
+    ).map(lambda pair: {**pair[0], **pair[1]})
     message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]), "content": VALUES})
     shaped = {
         "/generate": st.fixed_dictionaries({"input_ids": st.lists(st.integers(-2, 300), max_size=6), "sampling_params": sampling}),
         "/v1/completions": st.fixed_dictionaries({"prompt": st.text(max_size=10) | st.lists(st.integers(-2, 300), max_size=5)}),
-        "/v1/chat/completions": st.fixed_dictionaries({"messages": st.lists(message, max_size=2)}),
+        "/v1/chat/completions": st.fixed_dictionaries(
+            {"messages": st.lists(message, max_size=2)},
+            optional={"response_format": st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries({"name": st.just("f"), "schema": SCHEMAS})})},
+        ),
     }[route]
     return st.tuples(shaped, known).map(lambda pair: {**pair[0], **pair[1], **SMALL_GENERATION_FOR[route]})
 

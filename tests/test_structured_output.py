@@ -204,7 +204,8 @@ def test_unconstrained_outputs_are_unchanged_by_constrained_neighbours(client):
 
 def test_retraction_keeps_constrained_outputs_identical(model_dir):
     """An Engine whose KV cache is too small for the batch retracts requests mid-generation and
-    recomputes them; their grammars keep their state, so the outputs equal a roomy Engine's."""
+    recomputes them (and prefills prompts in chunks); their grammars keep their state, so the outputs
+    equal a roomy Engine's."""
     # Exactly 36 tokens ("[", 12 digits, 11 ", ", "]") then EOS: every request runs to nearly its
     # max_new_tokens, as with ignore_eos, so admission's reservations fall short and decoding retracts.
     schema = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 12, "maxItems": 12}
@@ -214,7 +215,7 @@ def test_retraction_keeps_constrained_outputs_identical(model_dir):
     options = {"model_path": model_dir, "constrained_json_disable_any_whitespace": True}
     with srt.Engine(**options, max_total_tokens=4096) as roomy:
         want = roomy.generate(input_ids=prompts, sampling_params=params)
-    with srt.Engine(**options, max_total_tokens=160) as tight:
+    with srt.Engine(**options, max_total_tokens=160, chunked_prefill_size=8) as tight:  # prompts in chunks too
         got = tight.generate(input_ids=prompts, sampling_params=params)
         assert tight.get_internal_state().num_retractions > 0, "the tight Engine never retracted: the test proves nothing"
     assert [o["text"] for o in got] == [o["text"] for o in want]

@@ -35,7 +35,8 @@ class GrammarMatcher(ABC):
 
     @abstractmethod
     def accept(self, token: int) -> bool:
-        """Advance by ``token``; False when the grammar does not allow it (the state is then unchanged)."""
+        """Advance by ``token``; False when the grammar does not allow it (the matcher is then unusable:
+        llguidance stops at the error)."""
 
     @abstractmethod
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
