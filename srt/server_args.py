@@ -31,6 +31,8 @@ class ServerArgs:
     context_length: int | None = field(default=None, metadata={"help": "defaults to the model config's max_position_embeddings"})
     served_model_name: str | None = None
     chat_template: str | None = None
+    tool_call_parser: Literal["hermes", "qwen25", "qwen", "llama3", "mistral", "pythonic", "deepseek_v3", "deepseekv3", "gpt_oss", "gpt-oss"] | None = field(default=None, metadata={"help": "format of the model's tool calls on /v1/chat/completions (qwen25 and qwen are hermes; deepseek_v3 reads V3.1's too); default: the one the chat template shows"})
+    reasoning_parser: Literal["deepseek-r1", "deepseek-v3", "qwen3", "qwen3-thinking", "glm45", "kimi", "gpt-oss"] | None = field(default=None, metadata={"help": "split the model's thinking into reasoning_content on /v1/chat/completions"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "load no tokenizer anywhere: prompts are input_ids, outputs carry output_ids and no text"})
 
     # Numerics and devices
@@ -124,7 +126,7 @@ class ServerArgs:
         hints = typing.get_type_hints(type(self))  # f.type is a string under `from __future__ import annotations`
         for f in dataclasses.fields(self):
             choices = _literal_choices(hints[f.name])
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) not in (*choices, *_none_if_optional(hints[f.name])):
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
 
     # ---- command line -------------------------------------------------------------
@@ -182,15 +184,24 @@ def load_yaml_config(path: str) -> dict[str, Any]:
 
 
 def _literal_choices(kind: Any) -> tuple | None:
+    """The values of a ``Literal[...]`` (or ``Literal[...] | None``) field."""
+    kind = _without_none(kind)
     return get_args(kind) if get_origin(kind) is Literal else None
+
+
+def _none_if_optional(kind: Any) -> tuple:
+    return (None,) if type(None) in get_args(kind) else ()
+
+
+def _without_none(kind: Any) -> Any:
+    args = [a for a in get_args(kind) if a is not type(None)]
+    return args[0] if get_origin(kind) is not Literal and args else kind
 
 
 def _scalar_type(kind: Any) -> type:
     """The concrete type behind ``X | None`` or ``Literal[...]``."""
-    if get_origin(kind) is Literal:
-        return type(get_args(kind)[0])
-    args = [a for a in get_args(kind) if a is not type(None)]
-    return args[0] if args else kind
+    kind = _without_none(kind)
+    return type(get_args(kind)[0]) if get_origin(kind) is Literal else kind
 
 
 def _coerce(name: str, kind: Any, value: Any) -> Any:

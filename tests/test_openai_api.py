@@ -338,7 +338,7 @@ def test_chat_needs_a_chat_template():
     app.include_router(router)
     app.add_exception_handler(APIError, lambda _, e: e.response())
     app.state.model_name = MODEL
-    app.state.server_args = SimpleNamespace(chat_template=None, model_path=None)
+    app.state.server_args = SimpleNamespace(chat_template=None, model_path=None, tool_call_parser=None, reasoning_parser=None)
     info = SimpleNamespace(context_length=CONTEXT)
     runtime = SimpleNamespace(model_path="/models/tiny")
     app.state.tokenizer_manager = SimpleNamespace(tokenizer=byte_tokenizer(), info=info, runtime=runtime)

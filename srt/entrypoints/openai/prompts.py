@@ -4,6 +4,7 @@ with the model's chat template."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -37,7 +38,8 @@ async def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | lis
     return prompt
 
 
-def chat_input_ids(tokenizer, chat_template_arg: str | None, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(tokenizer, chat_template_arg: str | None, body: ChatCompletionRequest) -> tuple[str, list[int]]:
+    """The messages (and tools) rendered with the chat template: the text, and its token ids."""
     if not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")
     if chat_template_arg is None and tokenizer.chat_template is None:
@@ -48,9 +50,12 @@ def chat_input_ids(tokenizer, chat_template_arg: str | None, body: ChatCompletio
             param="messages",
         )
     messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+    # As vLLM: the template sees the tools even with tool_choice none (the model knows of them, calls none).
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     try:
         text = tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             chat_template=_read_chat_template(chat_template_arg) if chat_template_arg else None,
             add_generation_prompt=body.add_generation_prompt,
             tokenize=False,
@@ -61,7 +66,17 @@ def chat_input_ids(tokenizer, chat_template_arg: str | None, body: ChatCompletio
     if not is_valid_unicode(text):
         raise APIError(400, "the messages are not valid Unicode (they hold a lone surrogate)", param="messages")
     # The template already wrote the special tokens it wants (a BOS among them): add none.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_template_text(tokenizer, chat_template_arg: str | None) -> str:
+    """The chat template's source (all of them, for a tokenizer that has several by name)."""
+    if chat_template_arg:
+        return _read_chat_template(chat_template_arg)
+    template = tokenizer.chat_template if tokenizer is not None else None
+    if isinstance(template, dict):
+        return "\n".join(template.values())
+    return template or ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,4 +101,19 @@ def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
         content = "\n".join(part.text for part in content)
     elif content is None and not (message.role == "assistant" and message.tool_calls):
         raise APIError(400, f"messages[{index}] has no content", param="messages")
-    return {**message.model_dump(exclude_none=True), "content": content}
+    rendered = {**message.model_dump(exclude_none=True), "content": content}
+    for call in rendered.get("tool_calls", ()):
+        call["function"]["arguments"] = _arguments_object(call["function"]["arguments"])
+    return rendered
+
+
+def _arguments_object(arguments: str | dict[str, Any]) -> str | dict[str, Any]:
+    """A call's arguments as an object, as vLLM hands them to templates: Qwen's and Llama's write
+    them with ``tojson`` (JSON text would come out quoted), others iterate their items."""
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+        return value if isinstance(value, dict) else arguments
+    return arguments
