@@ -27,7 +27,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode_attention.c")
+_SOURCES = [
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("cpu_decode_attention.c", "cpu_token_bitmask.c")
+]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared"]
 
 _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -76,7 +78,7 @@ def _build(compiler: str, target: str) -> None:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, _SOURCE, "-o", partial, "-lmvec", "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_FLAGS, *_SOURCES, "-o", partial, "-lmvec", "-lm"], check=True, capture_output=True, text=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -87,23 +89,27 @@ def _build(compiler: str, target: str) -> None:
 def _library() -> ctypes.CDLL | None:
     if platform.system() != "Linux":
         return None
-    with open(_SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + _cpu_signature().encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = os.path.join(_cache_dir(), f"cpu_decode_attention-{key}.so")
+    digest = hashlib.sha256(_cpu_signature().encode() + " ".join(_FLAGS).encode())
+    for source in _SOURCES:
+        with open(source, "rb") as f:
+            digest.update(f.read())
+    target = os.path.join(_cache_dir(), f"srt_cpu_kernels-{digest.hexdigest()[:16]}.so")
     try:
         if not os.path.exists(target):
             compiler = _compiler()
             if compiler is None:
                 raise RuntimeError("no C compiler found (set $CC)")
             _build(compiler, target)
-            logger.info("built the CPU attention kernel: %s", target)
+            logger.info("built the CPU kernels: %s", target)
         library = ctypes.CDLL(target)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
-        logger.warning("CPU attention kernel unavailable, using the torch path (%s)", detail)
+        logger.warning("CPU kernels unavailable, using the torch paths (%s)", detail)
         return None
     library.srt_decode_attention.argtypes = _DECODE_ARGTYPES
     library.srt_decode_attention.restype = _i32
+    library.srt_apply_token_bitmask.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64]
+    library.srt_apply_token_bitmask.restype = None
     return library
 
 
@@ -156,3 +162,18 @@ def decode_attention(
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its scratch memory")
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """``logits[r, t] = -inf`` in place for each row ``r`` of ``rows`` and token ``t`` whose bit
+    ``bitmask[r]`` (int32 words, 32 tokens each) leaves clear. ``logits`` is float32 [B, V]
+    with contiguous rows, ``bitmask`` contiguous [B, ceil(V / 32)], both on the CPU."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the CPU kernels could not be built")
+    if logits.dtype != torch.float32 or logits.stride(-1) != 1 or not bitmask.is_contiguous() or bitmask.dtype != torch.int32:
+        raise ValueError("apply_token_bitmask wants float32 logits with contiguous rows and a contiguous int32 bitmask")
+    index = torch.tensor(rows, dtype=torch.int64)
+    library.srt_apply_token_bitmask(
+        logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), bitmask.shape[1], index.data_ptr(), len(rows), logits.shape[1]
+    )

@@ -5,8 +5,9 @@ of the schemas and the per-step mask fill.
 The decode step is measured through ``srt.Engine`` (the whole runtime, the model the server
 serves by default) as the slope of batch time over generated tokens: two runs of each
 kind, ``--short`` and ``--long`` tokens per request, so prefill, compilation and start-up
-cancel out. The constrained schema is an array that cannot close within ``--long``
-tokens, so every request decodes to the end, as the unconstrained ones do with ignore_eos.
+cancel out; the median over alternating rounds. The constrained schema is an array that
+cannot close within ``--long`` tokens, so every request decodes to the end, as the
+unconstrained ones do with ignore_eos.
 
     python scripts/bench_structured_output.py [--batch 32] [--grammar-backend xgrammar]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 
 import srt
@@ -73,10 +75,13 @@ def compile_times(args: argparse.Namespace, model_path: str) -> None:
         print(f"  schema {name:<7} compile {compile_ms:7.1f} ms | first mask of {args.batch} requests {fill_ms:6.2f} ms")
 
 
-def decode_step_ms(engine: srt.Engine, args: argparse.Namespace, constrained: bool) -> float:
+def decode_steps_ms(engine: srt.Engine, args: argparse.Namespace) -> tuple[float, float]:
+    """Median decode-step slope of the unconstrained and the constrained batch. The two kinds
+    alternate round by round after a warm-up of each, so that the machine's drift (single
+    runs vary by 15% here) falls on both alike."""
     prompts = [f"List {1000 + i} people as JSON records with name, age and email:" for i in range(args.batch)]
 
-    def batch_seconds(tokens: int) -> float:
+    def batch_seconds(tokens: int, constrained: bool) -> float:
         params = {"temperature": 1.0, "max_new_tokens": tokens, "ignore_eos": True}
         if constrained:
             params["json_schema"] = json.dumps(PEOPLE)
@@ -87,11 +92,14 @@ def decode_step_ms(engine: srt.Engine, args: argparse.Namespace, constrained: bo
         assert all(o["meta_info"]["completion_tokens"] == tokens for o in outs), "a request ended early"
         return elapsed
 
-    slopes = []
+    slopes: dict[bool, list[float]] = {False: [], True: []}
+    for constrained in (False, True):
+        batch_seconds(args.short, constrained)
     for _ in range(args.rounds):
-        short, long = batch_seconds(args.short), batch_seconds(args.long)
-        slopes.append(1000 * (long - short) / (args.long - args.short))
-    return min(slopes)  # the quietest round: noise on a shared machine only ever adds
+        for constrained in (False, True):
+            short, long = batch_seconds(args.short, constrained), batch_seconds(args.long, constrained)
+            slopes[constrained].append(1000 * (long - short) / (args.long - args.short))
+    return statistics.median(slopes[False]), statistics.median(slopes[True])
 
 
 def main() -> None:
@@ -100,7 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--short", type=int, default=16)
     parser.add_argument("--long", type=int, default=80)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--grammar-backend", default="xgrammar", choices=["xgrammar", "llguidance"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,15 +116,13 @@ def main() -> None:
     compile_times(args, model_path)
     engine = srt.Engine(model_path=model_path, grammar_backend=args.grammar_backend, log_level="warning")
     try:
-        engine.generate("warm up", {"max_new_tokens": 4})
-        plain = decode_step_ms(engine, args, constrained=False)
-        constrained = decode_step_ms(engine, args, constrained=True)
+        plain, constrained = decode_steps_ms(engine, args)
     finally:
         engine.shutdown()
     overhead = 100 * (constrained / plain - 1)
     print(f"batch {args.batch} decode step: unconstrained {plain:.2f} ms, JSON-schema constrained {constrained:.2f} ms")
     print(f"grammar overhead: {overhead:+.1f}% of the step ({constrained - plain:+.2f} ms)")
-    print(f"(best of {args.rounds} rounds; slopes between {args.short} and {args.long} tokens per request)")
+    print(f"(median of {args.rounds} alternating rounds; slopes between {args.short} and {args.long} tokens per request)")
 
 
 if __name__ == "__main__":

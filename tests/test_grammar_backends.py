@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from srt.kernels import cpu_kernels
 from srt.sampling.grammar.backend import GrammarError, GrammarKey, apply_bitmask, create_grammar_backend
 from srt.sampling.sampling_params import SamplingParams
 from tiny_models import byte_tokenizer
@@ -98,3 +99,24 @@ def test_sampling_params_take_one_constraint():
     ):
         with pytest.raises(ValueError, match=message):
             SamplingParams.from_dict(bad)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler")
+@pytest.mark.parametrize("allowed_words", [0.0, 0.05, 0.5, 1.0])
+def test_the_cpu_kernel_masks_as_xgrammar_does(allowed_words):
+    """srt's C kernel against xgrammar's own, on masks of whole allowed, whole disallowed and
+    mixed words, every row or some, a vocabulary that is not a multiple of 32."""
+    import xgrammar
+
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 6, 1000
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, (vocab + 31) // 32), dtype=torch.int32, generator=generator)
+    whole = torch.rand(bitmask.shape, generator=generator)
+    bitmask[whole < allowed_words] = -1
+    bitmask[whole > 1 - (1 - allowed_words) / 2] = 0
+    logits = torch.randn(rows, vocab, generator=generator)
+    for subset in (list(range(rows)), [1, 4]):
+        ours, theirs = logits.clone(), logits.clone()
+        cpu_kernels.apply_token_bitmask(ours, bitmask, subset)
+        xgrammar.apply_token_bitmask_inplace(theirs, bitmask, indices=subset)
+        assert torch.equal(ours, theirs)

@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 import torch
 
+from srt.kernels import cpu_kernels
+from srt.platform.device import in_host_memory
+
 GrammarKind = Literal["json_schema", "regex", "ebnf"]  # SamplingParams.constraint's kinds
 
 
@@ -88,9 +91,12 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     """Set ``logits[r, t]`` to -inf for every row ``r`` in ``rows`` and token ``t`` that
     ``bitmask[r]`` disallows, in place (the other rows are left as they are).
 
-    Both libraries share the layout, so xgrammar's kernels serve either backend: a
-    vectorized loop on CPU (unpacking the bits with torch ops costs 1000x more), a CUDA or
-    Triton kernel on GPUs."""
+    Both libraries share the layout, so one kernel serves either backend: srt's C kernel on
+    CPUs (it skips whole words of allowed or disallowed tokens; xgrammar's CPU loop takes
+    6.5 ms for 32 sparse rows of 49152), xgrammar's CUDA or Triton kernel on GPUs."""
+    if in_host_memory(logits.device) and cpu_kernels.available():
+        cpu_kernels.apply_token_bitmask(logits, bitmask, rows)
+        return
     import xgrammar
 
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
