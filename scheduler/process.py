@@ -28,8 +28,10 @@ from srt.runtime.messages import (
     GrammarsReady,
     InternalStateReply,
     SchedulerInfo,
+    TokenizedEmbeddingReq,
     TokenizedGenerateReq,
 )
+from srt.scheduler.embedding import EncoderScheduler
 from srt.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
     runner = ModelRunner(args, options["model_path"], tp_group, gpu_id=gpu_id)
     # Stop strings are matched here, on decoded text.
     tokenizer = None if args.skip_tokenizer_init else load_tokenizer(options["tokenizer_path"], args.trust_remote_code)
-    scheduler = Scheduler(args, runner, tokenizer)
+    scheduler = EncoderScheduler(args, runner) if runner.is_encoder else Scheduler(args, runner, tokenizer)
+    task = runner.task
     is_leader = tp_rank == 0
     context = zmq.Context()
     inbox = Receiver(context, spec.endpoints.scheduler_inputs[options["dp_rank"]]) if is_leader else None
@@ -58,6 +61,12 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
         context_length=scheduler.context_length,
         vocab_size=scheduler.vocab_size,
         weight_bytes=runner.weight_bytes(),
+        task=task.kind,
+        output_dim=runner.output_dim if task.is_pooling else 0,
+        pooling=task.pooling,
+        normalize=task.normalize,
+        matryoshka=task.matryoshka,
+        labels=task.labels,
     )
     report(ChildReady(info))
     logger.info("scheduler rank %d ready", tp_rank)
@@ -67,12 +76,12 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
             if reply is not None and is_leader:
                 outbox.send(reply)
         scheduler.step()
-        outputs = scheduler.take_outputs()
-        if outputs.outputs and is_leader:
-            outbox.send(outputs)
+        for outputs in scheduler.take_outputs():
+            if is_leader:
+                outbox.send(outputs)
 
 
-def _next_messages(scheduler: Scheduler, inbox: Receiver | None, tp_group: TPGroup) -> list:
+def _next_messages(scheduler: Scheduler | EncoderScheduler, inbox: Receiver | None, tp_group: TPGroup) -> list:
     """This step's messages, the same list in the same order on every rank.
 
     Rank 0 reads its socket (blocking while idle) and adds which grammar compiles have
@@ -96,10 +105,12 @@ def _next_messages(scheduler: Scheduler, inbox: Receiver | None, tp_group: TPGro
     return messages
 
 
-def _dispatch(scheduler: Scheduler, msg) -> FlushCacheReply | InternalStateReply | None:
+def _dispatch(scheduler: Scheduler | EncoderScheduler, msg) -> FlushCacheReply | InternalStateReply | None:
     """Apply one message; a control request's reply is returned."""
     if isinstance(msg, TokenizedGenerateReq):
         scheduler.add_request(msg)
+    elif isinstance(msg, TokenizedEmbeddingReq):
+        scheduler.add_embedding_request(msg)
     elif isinstance(msg, AbortReq):
         scheduler.abort(msg.rid)
     elif isinstance(msg, GrammarsReady):

@@ -23,6 +23,10 @@ class Req:
     stream: bool = True  # an output every step; otherwise one output when the request finishes
     logprob_start_len: int = -1  # >= 0: the prompt's logprobs from this position on are wanted
     arrival: float = field(default_factory=time.monotonic)
+    # A pooling request's pooling ("last" or "mean"; None: generation), and for mean pooling
+    # the float32 sum of the hidden states of the chunks computed so far.
+    pooling: str | None = None
+    pooled_sum: Any = None
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -67,6 +71,8 @@ class Req:
         """How many leading tokens may come from the prefix cache: all but the last, except that a
         request wanting prompt logprobs computes every position whose logits it needs."""
         limit = len(self.fill_ids) - 1
+        if self.pooling == "mean":
+            return 0  # every token's hidden state is pooled: none may come from the cache
         return min(limit, self.first_logit_position) if self.wants_input_logprobs else limit
 
     @property

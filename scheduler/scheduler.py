@@ -16,16 +16,18 @@ import time
 
 import torch
 
+from srt.sampling.sampling_params import SamplingParams
 from srt.mem_cache.base_prefix_cache import PrefixCache
 from srt.mem_cache.chunk_cache import ChunkCache
 from srt.mem_cache.radix_cache import RadixCache
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
 from srt.platform.device import default_chunked_prefill_size, in_host_memory
-from srt.runtime.messages import BatchTokenOut, FinishAbort, InternalState, TokenizedGenerateReq
+from srt.runtime.messages import BatchEmbeddingOut, BatchTokenOut, EmbeddingOutput, FinishAbort, InternalState, TokenizedEmbeddingReq, TokenizedGenerateReq
 from srt.sampling.grammar.backend import GrammarKey, create_grammar_backend
 from srt.sampling.grammar.mask_filler import MaskFiller
 from srt.scheduler.decode import DecodeScheduler
+from srt.scheduler.embedding import DecoderPooling, refused, refused_generation
 from srt.scheduler.grammar_queue import GrammarQueue
 from srt.scheduler.memory import RequestMemory
 from srt.scheduler.output import OutputProcessor
@@ -68,6 +70,9 @@ class Scheduler:
         )
         self.grammars = GrammarQueue(backend, _GRAMMAR_CACHE_SIZE) if backend else None
         self.masks = MaskFiller(backend, pin_memory=not in_host_memory(runner.device)) if backend else None
+        self.pooling = DecoderPooling(runner) if runner.task.is_pooling else None
+        self.pooled: list[EmbeddingOutput] = []  # pooling results (and refusals) not sent yet
+        self.refusals: list[BatchTokenOut] = []
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self._decode_steps = 0
@@ -78,6 +83,9 @@ class Scheduler:
 
     def add_request(self, msg: TokenizedGenerateReq) -> None:
         """Queue a request the TokenizerManager has checked."""
+        if self.pooling is not None:  # the TokenizerManager refuses these; a direct caller gets told too
+            self.refusals.append(refused_generation(msg, type(self.runner.model).__name__))
+            return
         params = msg.sampling_params
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
@@ -92,6 +100,16 @@ class Scheduler:
             self.output.emit(req)
         else:
             self.grammars.add(req, GrammarKey(*params.constraint))
+
+    def add_embedding_request(self, msg: TokenizedEmbeddingReq) -> None:
+        """Queue a pooling request: its prompt is prefilled, pooled, and it finishes."""
+        failure = refused(msg, self.runner)
+        if failure is not None:
+            self.pooled.append(failure)
+            return
+        params = SamplingParams(max_new_tokens=0)
+        req = Req(msg.rid, list(msg.input_ids), params, 0, [], stream=False, pooling=self.runner.task.pooling)
+        self.waiting.append(req)
 
     def ready_grammars(self) -> list[str]:
         """Requests whose grammar compile is over (asked on rank 0, which tells the others)."""
@@ -122,8 +140,14 @@ class Scheduler:
             self.memory.release(req)
             self.output.emit(req)
 
-    def take_outputs(self) -> BatchTokenOut:
-        return self.output.take()
+    def take_outputs(self) -> list[BatchTokenOut | BatchEmbeddingOut]:
+        """What to send since the last call: token outputs, and pooling results."""
+        tokens = self.output.take()
+        messages: list[BatchTokenOut | BatchEmbeddingOut] = self.refusals + ([tokens] if tokens.outputs else [])
+        if self.pooled:
+            messages.append(BatchEmbeddingOut(self.pooled))
+        self.refusals, self.pooled = [], []
+        return messages
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache; refused (False) while requests are in flight."""
@@ -178,6 +202,13 @@ class Scheduler:
             req.kv_len += req.extend_len
         for req in prefill:
             self.memory.cache_prefix(req)
+        if self.pooling is not None:  # prefill only: pooled requests finish, none decodes
+            done, outputs = self.pooling.collect(batch, logits, ends)
+            for req in done:
+                self.memory.release(req)
+            self.pooled.extend(outputs)
+            self._log_prefill(prefill)
+            return
         if sampled:
             rows = logits[[ends[i] - 1 for i, _ in sampled]]
             for req in self.output.sample([r for _, r in sampled], rows, masks.result() if masks else None):
@@ -201,6 +232,8 @@ class Scheduler:
             fill = req.fill_ids
             start, end = req.kv_len, req.kv_len + req.extend_len
             req.logit_positions = range(end - 1, end)  # the last new token's logits give the next token
+            if req.pooling == "mean":
+                req.logit_positions = range(start, end)  # every token's hidden state is pooled
             if req.wants_input_logprobs:
                 # ...and, for prompt logprobs, every position from the one before logprob_start_len on.
                 req.logit_positions = range(min(max(start, req.first_logit_position), end - 1), end)

@@ -33,6 +33,8 @@ class ServerArgs:
     chat_template: str | None = None
     tool_call_parser: Literal["hermes", "qwen25", "qwen", "llama3", "mistral", "pythonic", "deepseek_v3", "deepseekv3", "gpt_oss", "gpt-oss"] | None = field(default=None, metadata={"help": "format of the model's tool calls on /v1/chat/completions (qwen25 and qwen are hermes; deepseek_v3 reads V3.1's too); default: the one the chat template shows"})
     reasoning_parser: Literal["deepseek-r1", "deepseek-v3", "qwen3", "qwen3-thinking", "glm45", "kimi", "gpt-oss"] | None = field(default=None, metadata={"help": "split the model's thinking into reasoning_content on /v1/chat/completions"})
+    is_embedding: bool = field(default=False, metadata={"help": "serve a causal-LM checkpoint as an embedding model (its hidden states pooled); base-model and *ForSequenceClassification checkpoints are pooling models anyway"})
+    pooling: Literal["last", "mean", "cls"] | None = field(default=None, metadata={"help": "how a pooling model turns hidden states into one vector; default: the sentence-transformers config (1_Pooling), else last for decoders and cls for encoders"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "load no tokenizer anywhere: prompts are input_ids, outputs carry output_ids and no text"})
 
     # Numerics and devices

@@ -16,6 +16,7 @@ import pytest
 
 from server_process import running_server
 from tiny_models import build_tiny_model
+from tiny_pooling_models import build_pooling_model
 
 HEADER_TIMEOUT_S = 2
 BODY_TIMEOUT_S = 2
@@ -48,13 +49,29 @@ def test_schema_documents_bodies_and_the_errors_really_sent(base_url):
     assert set(ok["/metrics"]) == {"text/plain"} and ok["/health"] == {}
 
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(base_url, tmp_path):
+@pytest.fixture(scope="module")
+def encoder_url(tmp_path_factory):
+    """A pooling server (a BERT embedder), whose routes compute where the generation server's refuse."""
+    model_dir = build_pooling_model("bert", str(tmp_path_factory.mktemp("contract-encoder")), max_position_embeddings=64)
+    with running_server(model_dir, "--max-prompts-per-request", "8") as (url, _):
+        yield url
+
+
+def _schemathesis(base_url: str, tmp_path) -> None:
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{base_url}/openapi.json", "--checks", CHECKS,
            "--max-examples", "15", "--workers", "1", "--seed", "1", "--phases", "examples,coverage,fuzzing",
            "--request-timeout", "60", "--no-color", "--generation-database", "none"]  # fmt: skip
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "Tested: 18" in run.stdout, run.stdout[-3000:]
+    assert " passed" in run.stdout and "Tested: 27" in run.stdout, run.stdout[-3000:]
+
+
+def test_schemathesis_finds_no_server_error_on_a_pooling_server(encoder_url, tmp_path):
+    _schemathesis(encoder_url, tmp_path)
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(base_url, tmp_path):
+    _schemathesis(base_url, tmp_path)
     load = httpx.get(f"{base_url}/get_load").json()[0]
     assert load["num_reqs"] == 0 and load["num_tokens"] == 0  # nothing leaked by thousands of odd requests
 

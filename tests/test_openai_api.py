@@ -341,7 +341,7 @@ def test_chat_needs_a_chat_template():
     app.state.server_args = SimpleNamespace(chat_template=None, model_path=None, tool_call_parser=None, reasoning_parser=None)
     info = SimpleNamespace(context_length=CONTEXT)
     runtime = SimpleNamespace(model_path="/models/tiny")
-    app.state.tokenizer_manager = SimpleNamespace(tokenizer=byte_tokenizer(), info=info, runtime=runtime)
+    app.state.tokenizer_manager = SimpleNamespace(tokenizer=byte_tokenizer(), info=info, runtime=runtime, check_generates=lambda: None)
     with TestClient(app) as c:
         response = c.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
@@ -400,3 +400,18 @@ def test_tokenize_and_detokenize_round_trip(http):
     assert http.post("/v1/detokenize", json={"tokens": ids["tokens"]}).json() == {"text": "héllo"}
     assert http.post("/v1/detokenize", json={"tokens": [10**6]}).status_code == 400
     assert http.post("/v1/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize("route", ["/v1/embeddings", "/encode", "/classify", "/v1/score", "/v1/rerank"])
+def test_generation_model_refuses_pooling_routes(http, route):
+    body = {"input": "hi", "text": "hi", "text_1": "a", "text_2": "b", "query": "q", "documents": ["d"]}
+    body = {k: v for k, v in body.items() if k in _POOLING_FIELDS[route]}
+    response = http.post(route, json=body)
+    assert response.status_code == 400, response.text
+    assert "generation model: it returns no embeddings or scores" in response.json()["error"]["message"]
+
+
+_POOLING_FIELDS = {
+    "/v1/embeddings": {"input"}, "/encode": {"text"}, "/classify": {"input"}, "/v1/score": {"text_1", "text_2"},
+    "/v1/rerank": {"query", "documents"},
+}  # fmt: skip

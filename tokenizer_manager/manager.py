@@ -10,6 +10,7 @@ task cancelled) aborts what still runs, so its KV memory is freed at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -22,16 +23,21 @@ import zmq.asyncio
 from srt.tokenizer_manager.metrics import Metrics
 from srt.model_loader.default_model import resolve_model_path
 from srt.model_loader.tokenizer import load_tokenizer
+from srt.runtime.embedding_request import EmbeddingItem
 from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError, ServerOverloadedError
 from srt.runtime.ipc import AsyncReceiver, AsyncSender
 from srt.runtime.messages import (
     AbortReq,
+    BatchEmbeddingOut,
     BatchStrOut,
     BatchTokenOut,
+    EmbeddingOutput,
     FlushCacheReq,
     GetInternalStateReq,
     InternalState,
+    FinishAbort,
     ReqOutput,
+    TokenizedEmbeddingReq,
     TokenizedGenerateReq,
 )
 from srt.runtime.runtime import Runtime
@@ -97,6 +103,10 @@ class TokenizerManager:
     # ---- requests in ---------------------------------------------------------------------
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        self._check_texts(texts)
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
+
+    def _check_texts(self, texts: list[str]) -> None:
         if self.tokenizer is None:
             raise InvalidRequestError("this server runs with --skip-tokenizer-init: send input_ids, not text", param="text")
         if not all(is_valid_unicode(text) for text in texts):
@@ -106,21 +116,17 @@ class TokenizerManager:
         max_chars = self.info.max_req_input_len * _MAX_CHARS_PER_TOKEN
         if any(len(text) > max_chars for text in texts):
             raise InvalidRequestError(f"the prompt is longer than this server accepts ({max_chars} characters)", "text")
-        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else []
 
     def check(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
         """Tokenize and validate every prompt of ``obj``; InvalidRequestError says what is wrong, and
         ServerOverloadedError that too many generations are in flight already."""
+        self.check_generates()
         items = obj.normalize()
+        self._check_count(len(items))
         limits = self.runtime.server_args
-        if len(items) > limits.max_prompts_per_request:
-            message = f"{len(items)} generations in one request, more than the {limits.max_prompts_per_request} allowed"
-            raise InvalidRequestError(message, param="text")
         if obj.top_logprobs_num > limits.max_logprobs:
             message = f"top_logprobs_num is {obj.top_logprobs_num}, more than the {limits.max_logprobs} allowed"
             raise InvalidRequestError(message, param="top_logprobs_num")
-        if len(self.states) + len(items) > limits.max_queued_requests:
-            raise ServerOverloadedError(f"{len(self.states)} generations are in flight (--max-queued-requests {limits.max_queued_requests})")
         self._check_rids_free([item.rid for item in items])
         texts = [item.text for item in items if item.text is not None]
         tokenized = iter(self.tokenize(texts)) if texts else iter(())
@@ -136,6 +142,61 @@ class TokenizerManager:
                 TokenizedGenerateReq(item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream, start)
             )
         return reqs
+
+    def check_generates(self) -> None:
+        """Refuse generation on a server whose model pools (embeddings, scores)."""
+        if self.info.task != "generate":
+            message = f"this server runs a pooling model ({self.info.task}): it does not generate; use /v1/embeddings, /classify or /v1/score"
+            raise InvalidRequestError(message, param="model", code="model_not_generative")
+
+    def _check_count(self, n: int) -> None:
+        limits = self.runtime.server_args
+        if n > limits.max_prompts_per_request:
+            raise InvalidRequestError(f"{n} inputs in one request, more than the {limits.max_prompts_per_request} allowed", param="input")
+        if len(self.states) + n > limits.max_queued_requests:
+            raise ServerOverloadedError(f"{len(self.states)} requests are in flight (--max-queued-requests {limits.max_queued_requests})")
+
+    def check_embedding(self, items: list[EmbeddingItem]) -> list[TokenizedEmbeddingReq]:
+        """Tokenize and validate pooling inputs (texts, text pairs or token ids)."""
+        if self.info.task == "generate":
+            message = "this server runs a generation model: it returns no embeddings or scores (serve an embedding model, or a causal LM with --is-embedding)"
+            raise InvalidRequestError(message, param="model", code="model_not_pooling")
+        if not items:
+            raise InvalidRequestError("the request has no input", param="input")
+        self._check_count(len(items))
+        self._check_rids_free([item.rid for item in items])
+        reqs = []
+        for item in items:
+            token_types = None
+            if item.text is not None:
+                self._check_texts([item.text] + ([item.text_pair] if item.text_pair is not None else []))
+                encoded = self.tokenizer(item.text, item.text_pair) if item.text_pair is not None else self.tokenizer(item.text)
+                input_ids, token_types = encoded["input_ids"], encoded.get("token_type_ids")
+            else:
+                input_ids = item.input_ids
+            if not input_ids:
+                raise InvalidRequestError("an input is empty", param="input")
+            if min(input_ids) < 0 or max(input_ids) >= self.info.vocab_size:
+                raise InvalidRequestError(f"token ids must be integers in [0, {self.info.vocab_size})", param="input")
+            if len(input_ids) > self.info.max_req_input_len:
+                message = f"an input has {len(input_ids)} tokens, more than the {self.info.max_req_input_len} this model accepts"
+                raise InvalidRequestError(message, param="input", code="context_length_exceeded")
+            reqs.append(TokenizedEmbeddingReq(item.rid, list(input_ids), token_types))
+        return reqs
+
+    async def encode(self, reqs: list[TokenizedEmbeddingReq]) -> list[EmbeddingOutput]:
+        """Run pooling requests; one output each, in order. A request the scheduler refused
+        raises InvalidRequestError (or RuntimeDiedError when the runtime gave it up)."""
+        results: list[EmbeddingOutput | None] = [None] * len(reqs)
+        async with contextlib.aclosing(self.generate(reqs)) as outputs:
+            async for index, out in outputs:
+                reason = out.finish_reason
+                if isinstance(reason, FinishAbort):
+                    if reason.status_code == 400:
+                        raise InvalidRequestError(reason.message, param="input")
+                    raise RuntimeDiedError(reason.message)
+                results[index] = out
+        return results  # type: ignore[return-value]
 
     def _check_prompt(self, input_ids: list[int], sampling_params: dict[str, Any]) -> SamplingParams:
         info = self.info
@@ -171,10 +232,13 @@ class TokenizerManager:
         if self.tokenizer is None:
             raise InvalidRequestError(f"{kind} needs the tokenizer (this server runs with --skip-tokenizer-init)", kind)
 
-    async def generate(self, reqs: list[TokenizedGenerateReq]) -> AsyncIterator[tuple[int, ReqOutput]]:
+    async def generate(
+        self, reqs: list[TokenizedGenerateReq] | list[TokenizedEmbeddingReq]
+    ) -> AsyncIterator[tuple[int, ReqOutput | EmbeddingOutput]]:
         """Run every request at once; yield ``(index in reqs, output)`` as outputs arrive, a
         request's last output carrying its ``finish_reason``. A request that does not stream
-        gets one output, when it finishes. Closing the iterator early aborts what still runs."""
+        gets one output, when it finishes (a pooling request's is its ``EmbeddingOutput``).
+        Closing the iterator early aborts what still runs."""
         self._raise_if_failed()
         self._check_rids_free([req.rid for req in reqs])  # again: another request may have taken one since
         merged: asyncio.Queue = asyncio.Queue()
@@ -183,7 +247,8 @@ class TokenizerManager:
         states = {}
         try:
             for req in reqs:
-                states[req.rid] = self.states[req.rid] = _ReqState(self._pick_replica(), req.stream, merged)
+                stream = getattr(req, "stream", False)
+                states[req.rid] = self.states[req.rid] = _ReqState(self._pick_replica(), stream, merged)
                 await self._to_replicas[states[req.rid].replica].send(req)
             last = dict.fromkeys(states, arrival)
             running = len(reqs)
@@ -192,7 +257,7 @@ class TokenizerManager:
                 if isinstance(out, BaseException):
                     raise out
                 self._observe(out, states[out.rid].stream, arrival, last)
-                if out.finish_reason is not None:
+                if out.finish_reason is not None or isinstance(out, EmbeddingOutput):
                     states[out.rid].finished = True
                     running -= 1
                 yield index_of[out.rid], out
@@ -216,10 +281,13 @@ class TokenizerManager:
         if taken is not None:
             raise InvalidRequestError(f"request id {taken!r} is already in use", param="rid")
 
-    def _observe(self, out: ReqOutput, stream: bool, arrival: float, last: dict[str, float]) -> None:
+    def _observe(self, out: ReqOutput | EmbeddingOutput, stream: bool, arrival: float, last: dict[str, float]) -> None:
         if self.metrics is None:
             return
         now = time.perf_counter()
+        if isinstance(out, EmbeddingOutput):
+            self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - arrival)
+            return
         if stream:
             self.metrics.observe_tokens(len(out.new_token_ids), now - last[out.rid], first=last[out.rid] == arrival)
         else:  # one output at the end: no first-token or inter-token time to observe
@@ -282,12 +350,13 @@ class TokenizerManager:
     async def _route_outputs(self) -> None:
         while True:
             msg = await self._from_runtime.recv()
-            if isinstance(msg, (BatchStrOut, BatchTokenOut)):
+            if isinstance(msg, (BatchStrOut, BatchTokenOut, BatchEmbeddingOut)):
                 for out in msg.outputs:
                     state = self.states.get(out.rid)
                     if state is not None:
                         # Without a tokenizer the scheduler's outputs come straight here, textless.
-                        state.queue.put_nowait(out if isinstance(out, ReqOutput) else ReqOutput(**vars(out)))
+                        textless = isinstance(out, (ReqOutput, EmbeddingOutput))
+                        state.queue.put_nowait(out if textless else ReqOutput(**vars(out)))
             elif (future := self._replies.get(msg.request_id)) is not None and not future.done():
                 future.set_result(msg)
 

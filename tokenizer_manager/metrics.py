@@ -58,6 +58,6 @@ class Metrics:
         self.running.set(state.running_requests)
         self.waiting.set(state.waiting_requests)
         in_use = state.total_kv_slots - state.free_kv_slots - state.evictable_tokens
-        self.token_usage.set(in_use / state.total_kv_slots)
+        self.token_usage.set(in_use / state.total_kv_slots if state.total_kv_slots else 0.0)  # an encoder has no KV cache
         self.cache_hit_rate.set(state.cache_hit_rate)
         return generate_latest(self.registry)

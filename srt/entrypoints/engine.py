@@ -21,6 +21,7 @@ from contextlib import aclosing
 from typing import Any
 
 from srt.entrypoints.results import GenerateResult, collect
+from srt.runtime.embedding_request import check_dimensions, encode_result, is_single, items_of
 from srt.runtime.generate_request import GenerateReqInput
 from srt.runtime.messages import InternalState, TokenizedGenerateReq
 from srt.server_args import ServerArgs
@@ -78,6 +79,18 @@ class Engine:
         future = asyncio.run_coroutine_threadsafe(collect(self.tokenizer_manager, reqs), self._loop)
         results = [r.to_dict() for r in await asyncio.wrap_future(future)]
         return results[0] if obj.is_single else results
+
+    def encode(
+        self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None, dimensions: int | None = None
+    ) -> dict | list[dict]:
+        """Embeddings (or a classifier's scores) of one prompt or a list: ``{"embedding", "meta_info"}``
+        each. ``dimensions`` truncates a Matryoshka model's embeddings."""
+        inputs = prompt if prompt is not None else input_ids
+        info = self.tokenizer_manager.info
+        check_dimensions(dimensions, info)
+        reqs = self.tokenizer_manager.check_embedding(items_of(inputs, "prompt"))
+        results = [encode_result(out, info, dimensions) for out in self._call(self.tokenizer_manager.encode(reqs))]
+        return results[0] if is_single(inputs) else results
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache (refused while requests run)."""

@@ -20,6 +20,7 @@ from srt.entrypoints.errors import APIError, check_model
 from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.results import GenerateResult, collect
 from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
+from srt.runtime.embedding_request import EmbeddingItem
 from srt.runtime.generate_request import GenerateReqInput
 from srt.runtime.messages import FinishAbort, TokenizedGenerateReq
 from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
@@ -35,8 +36,11 @@ def _tm(request: Request) -> TokenizerManager:
 
 
 async def warm_up(tm: TokenizerManager) -> None:
-    """One one-token generation (the server's warm-up, and ``/health_generate``)."""
+    """One one-token generation, or one embedding (the server's warm-up, and ``/health_generate``)."""
     ids = (tm.tokenize(["The"])[0] if tm.tokenizer is not None else []) or [0]
+    if tm.info.task != "generate":
+        await tm.encode(tm.check_embedding([EmbeddingItem(input_ids=ids)]))
+        return
     await collect(tm, tm.check(GenerateReqInput(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0})))
 
 

@@ -14,9 +14,11 @@ from srt.layers.attention.interface import AttentionContext, UnsupportedAttentio
 from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_executor.forward_batch import ForwardBatch
-from srt.model_executor.memory_plan import plan_memory
+from srt.model_executor.memory_plan import MemoryPlan, plan_memory
+from srt.model_executor.pooling import EncoderForward, decoder_head
 from srt.model_loader.config import ModelShape, checkpoint_dtype, load_config, model_shape
-from srt.model_loader.loader import load_model
+from srt.model_loader.loader import is_encoder, load_model
+from srt.model_loader.model_task import ModelTask, resolve_task
 from srt.platform import device as devices
 from srt.platform.distributed import TPGroup
 from srt.server_args import ServerArgs
@@ -33,6 +35,7 @@ class ModelRunner:
         self.kv_dtype = devices.resolve_kv_dtype(server_args.kv_cache_dtype, self.dtype)
         self.shape: ModelShape = model_shape(self.config, tp_group.size, server_args.context_length)
         self.generation_config = _generation_config(model_path)
+        self.task: ModelTask = resolve_task(self.config, model_path, server_args.is_embedding, server_args.pooling)
         backend = server_args.attention_backend
         if backend == "auto":
             backend = devices.default_attention_backend(self.device)
@@ -49,7 +52,11 @@ class ModelRunner:
             self.attention.name,
             server_args.trust_remote_code,
             server_args.ep_size,
+            self.task.kind,
         )
+        self.is_encoder = is_encoder(self.model)
+        if self.task.is_pooling and self.task.pooling is None:
+            self.task.pooling = "cls" if self.is_encoder else "last"
         if devices.prepacks_linear_weights(self.device, self.dtype):
             pack_linear_weights(self.model)
         if server_args.enable_torch_compile:
@@ -61,6 +68,18 @@ class ModelRunner:
             self.device,
             time.perf_counter() - start,
         )
+        # What the transformer's output goes through: the classification model's base model and head.
+        self.backbone = self.model
+        self.head: torch.nn.Module | None = None
+        if self.task.kind == "classify":
+            self.backbone = getattr(self.model, self.model.base_model_prefix)
+            self.head = None if self.is_encoder else decoder_head(self.model, self.backbone)
+        if self.is_encoder:  # run whole and padded (pooling.py): no KV cache
+            pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+            self.encoder = EncoderForward(self.model, self.task, pad, self.device)
+            context = self._encoder_context_length(server_args.context_length)
+            self.plan = MemoryPlan(0, server_args.max_running_requests or 256, context)
+            return
         self.kv_shape = self._probe_kv_shape()
         self.plan = plan_memory(server_args, self.kv_shape, self.kv_dtype, self.shape.context_length, self.device, tp_group)
         self.req_to_token_pool = ReqToTokenPool(self.plan.max_running_requests + 1, self.plan.context_length + 1, self.device)
@@ -87,7 +106,7 @@ class ModelRunner:
         batch = ForwardBatch(one, one, one, one, one + 1, [0], [1], one.view(1, 1), kv_cache=None)  # type: ignore[arg-type]
         try:
             with self.attention.running(batch, backend=probe):
-                self.model(input_ids=one[None], position_ids=one[None], use_cache=False, logits_to_keep=1)
+                self._call(one, one, logits_to_keep=1)
         except UnsupportedAttention as e:
             raise ValueError(f"{type(self.model).__name__} cannot be served by srt: {e}") from e
         _refuse_inconsistent_layers(type(self.model).__name__, self.config, probe)
@@ -110,13 +129,38 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits ``[rows, vocab]`` at ``batch.logit_rows`` (by default each request's last new token)."""
         with self.attention.running(batch):
-            out = self.model(
-                input_ids=batch.input_ids[None],
-                position_ids=batch.positions[None],
-                use_cache=False,
-                logits_to_keep=batch.logit_rows,
-            )
+            if self.task.is_pooling:
+                return self._call(batch.input_ids, batch.positions).last_hidden_state[0, batch.logit_rows]
+            out = self._call(batch.input_ids, batch.positions, logits_to_keep=batch.logit_rows)
         return out.logits[0].float()
+
+    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor, **kwargs: object):
+        """The packed batch through the model (a pooling model's transformer only: its head pools)."""
+        return self.backbone(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, **kwargs)
+
+    @torch.inference_mode()
+    def score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """A decoder pooling model's output ``[rows, dim]`` float32 from its pooled hidden states:
+        the classification head's logits, or the embeddings themselves (unnormalised)."""
+        return (pooled if self.head is None else self.head(pooled.to(self.dtype))).float()
+
+    @property
+    def output_dim(self) -> int:
+        """Width of a pooling model's output: labels of a classifier, else the hidden size."""
+        return len(self.task.labels) if self.task.kind == "classify" else self.config.get_text_config().hidden_size
+
+    def _encoder_context_length(self, requested: int | None) -> int:
+        """The longest input the encoder's position embeddings hold, tried at start-up: a model
+        that numbers positions from its padding index (RoBERTa) holds pad_token_id + 1 fewer."""
+        limit = requested or self.shape.context_length
+        pad = self.encoder.pad_token_id
+        for length in dict.fromkeys((limit, limit - pad - 1)):
+            try:
+                self.encoder([[(pad + 1) % self.shape.vocab_size] * length], [None])
+                return length
+            except (IndexError, RuntimeError) as e:
+                failure = e
+        raise ValueError(f"{type(self.model).__name__} cannot encode {limit} tokens (context length): {failure}")
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:

@@ -21,11 +21,12 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from srt.layers.moe.experts import EXPERTS_IMPLEMENTATION
 from srt.layers.weight_shards import read_full, shape_of
 from srt.model_loader.config import model_shape, refuse_quantized, refuse_unsupported_layers
+from srt.model_loader.model_task import TaskKind
 from srt.model_loader.tp_plan import apply_tp_plan
 from srt.model_loader.weight_mapping import checkpoint_targets, converted_tensors, plan_loads
 from srt.platform.distributed import TPGroup
@@ -42,12 +43,19 @@ def load_model(
     attn_implementation: str,
     trust_remote_code: bool = False,
     ep_size: int = 1,
+    task: TaskKind = "generate",
 ) -> nn.Module:
     """The model with this rank's weights, in eval mode, its attention the registered
     ``attn_implementation`` (an ``AttentionContext``'s name) and its MoE experts (if any)
-    srt's, split over ``ep_size`` expert-parallel groups."""
+    srt's, split over ``ep_size`` expert-parallel groups.
+
+    ``task`` picks the transformers class: the causal LM, the base model (embeddings) or the
+    sequence-classification model. An encoder (attention with ``is_causal=False``) keeps
+    transformers' own SDPA attention: it is run whole and padded, with no KV cache
+    (``is_encoder``)."""
     refuse_quantized(config)
-    refuse_unsupported_layers(config)
+    if task == "generate":
+        refuse_unsupported_layers(config)
     config._attn_implementation = attn_implementation
     config._experts_implementation = EXPERTS_IMPLEMENTATION
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
@@ -55,7 +63,7 @@ def load_model(
     not_routed = "does not route its attention through transformers' attention interface"
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = _AUTO_CLASSES[task].from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except KeyError as e:
         if e.args != (attn_implementation,):
             raise
@@ -65,10 +73,25 @@ def load_model(
         raise ValueError(f"{type(model).__name__} {not_routed} (_supports_attention_backend is False), so srt cannot serve it")
     model.config._attn_implementation = attn_implementation
     model.config._experts_implementation = EXPERTS_IMPLEMENTATION
-    apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group, ep_size)
+    encoder = is_encoder(model)
+    if encoder:
+        model.set_attn_implementation("sdpa" if model._supports_sdpa else "eager")
+    elif task != "generate":
+        refuse_unsupported_layers(config)
+    # An encoder's attention is transformers' own, which a TP plan could shard; without one
+    # (BERT-style configs ship none) every rank computes the whole model.
+    apply_tp_plan(model, dtype, device, model_shape(config, tp_group.size), tp_group, ep_size, replicate_unplanned=encoder)
     _materialize(model, device)
     load_weights(model, model_path)
     return model.eval()
+
+
+_AUTO_CLASSES = {"generate": AutoModelForCausalLM, "embed": AutoModel, "classify": AutoModelForSequenceClassification}
+
+
+def is_encoder(model: nn.Module) -> bool:
+    """Whether the model attends bidirectionally (its attention modules say ``is_causal=False``)."""
+    return any(getattr(module, "is_causal", True) is False for module in model.modules())
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:

@@ -44,16 +44,20 @@ def apply_tp_plan(
     shape: ModelShape,
     tp_group: TPGroup,
     ep_size: int = 1,
+    replicate_unplanned: bool = False,
 ) -> None:
     """Swap every linear / embedding that the model's TP plan names for its parallel twin,
     and split every experts module over the ranks (``ep_size`` groups of whole experts, each
     expert's intermediate dimension split within a group; srt.layers.moe).
 
     Linears the plan does not name stay replicated. With one rank the swap still
-    happens, so TP=1 runs the same code as TP=N.
+    happens, so TP=1 runs the same code as TP=N. A model without a plan is refused at TP > 1
+    unless ``replicate_unplanned``: then every rank holds and computes all of it.
     """
     plan = dict(getattr(model, "tp_plan", None) or {})
-    if not plan and tp_group.size > 1:
+    if not plan and tp_group.size > 1 and replicate_unplanned:
+        logger.warning("%s has no tensor-parallel plan: each of the %d ranks computes all of it", type(model).__name__, tp_group.size)
+    elif not plan and tp_group.size > 1:
         raise ValueError(f"{type(model).__name__} has no tensor-parallel plan (base_model_tp_plan); use --tp 1")
     lm_head = model.get_output_embeddings()
     experts_modules = 0

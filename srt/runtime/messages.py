@@ -68,6 +68,16 @@ class TokenizedGenerateReq:
 
 
 @dataclass
+class TokenizedEmbeddingReq:
+    """A pooling request: one forward over the prompt, no generation. ``token_type_ids`` are the
+    tokenizer's segment ids of a text pair (BERT-style cross-encoders), when it makes them."""
+
+    rid: str
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+
+@dataclass
 class AbortReq:
     rid: str
 
@@ -94,6 +104,23 @@ class GrammarsReady:
 
 
 # ---- scheduler → TokenizerManager (passed through by the detokenizer) ------------------------
+
+
+@dataclass
+class EmbeddingOutput:
+    """A pooling request's result: its embedding (unnormalised, the front applies ``dimensions``
+    and normalisation) or its classification logits, float32 bytes; or why it failed."""
+
+    rid: str
+    embedding: bytes
+    prompt_tokens: int
+    cached_tokens: int = 0
+    finish_reason: FinishAbort | None = None
+
+
+@dataclass
+class BatchEmbeddingOut:
+    outputs: list[EmbeddingOutput]
 
 
 @dataclass
@@ -199,6 +226,14 @@ class SchedulerInfo:
     context_length: int
     vocab_size: int
     weight_bytes: int
+    # What the model serves (srt.model_loader.model_task): "generate", "embed" or "classify",
+    # and for a pooling model its output width, pooling, normalisation and score labels.
+    task: str = "generate"
+    output_dim: int = 0
+    pooling: str | None = None
+    normalize: bool = False
+    matryoshka: bool = False
+    labels: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -65,6 +65,7 @@ def check_body(request: Request, body: SamplingRequest) -> tuple[str, TokenizerM
     state = request.app.state
     tm: TokenizerManager = state.tokenizer_manager
     check_model(request, body.model)
+    tm.check_generates()
     if (name := body.unsupported()) is not None:
         raise APIError(400, f"{name} is not supported yet", param=name)
     if body.stream_options is not None and not body.stream:
