@@ -28,6 +28,7 @@ from srt.runtime.messages import (
     GrammarsReady,
     InternalStateReply,
     SchedulerInfo,
+    TokenizedBatch,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
 )
@@ -94,7 +95,7 @@ def _next_messages(scheduler: Scheduler | EncoderScheduler, inbox: Receiver | No
     if scheduler.has_work():
         messages = inbox.recv_all()
     elif tp_group.size == 1 and not scheduler.compiling():
-        messages = [inbox.recv()]
+        messages = [inbox.recv(), *inbox.recv_all()]  # all that arrived together: one batch
     else:
         first = inbox.recv(timeout_ms=_COMPILE_POLL_MS if scheduler.compiling() else _IDLE_HEARTBEAT_MS)
         messages = [] if first is None else [first, *inbox.recv_all()]
@@ -107,7 +108,10 @@ def _next_messages(scheduler: Scheduler | EncoderScheduler, inbox: Receiver | No
 
 def _dispatch(scheduler: Scheduler | EncoderScheduler, msg) -> FlushCacheReply | InternalStateReply | None:
     """Apply one message; a control request's reply is returned."""
-    if isinstance(msg, TokenizedGenerateReq):
+    if isinstance(msg, TokenizedBatch):
+        for req in msg.reqs:
+            _dispatch(scheduler, req)
+    elif isinstance(msg, TokenizedGenerateReq):
         scheduler.add_request(msg)
     elif isinstance(msg, TokenizedEmbeddingReq):
         scheduler.add_embedding_request(msg)

@@ -61,7 +61,7 @@ class Scheduler:
             server_args, self.memory, self.decode, runner.plan.max_running_requests, chunk if chunk > 0 else None
         )
         self.output = OutputProcessor(tokenizer, self.context_length, self.vocab_size)
-        backend = create_grammar_backend(
+        backend = None if runner.task.is_pooling else create_grammar_backend(
             server_args.grammar_backend,
             tokenizer,
             self.vocab_size,

@@ -41,6 +41,17 @@ def reranker(tmp_path_factory) -> tuple[str, str]:
         yield base_url, path
 
 
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> tuple[str, str, str]:
+    """A decoder reward model (one label) with a chat template: it scores conversations."""
+    tmp = tmp_path_factory.mktemp("reward")
+    path = build_pooling_model("llama", str(tmp / "llama"), head="classify", num_labels=1)
+    template = tmp / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}")
+    with running_server(path, "--dtype", "float32", "--chat-template", str(template)) as (base_url, _):
+        yield base_url, path, template.read_text()
+
+
 def _client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
 
@@ -116,6 +127,19 @@ def test_reranker_orders_documents_as_transformers(reranker):
         assert [d["logits"][0] for d in classified["data"]] == pytest.approx(direct[:, 0].tolist(), abs=1e-4)
         assert [d["probs"][0] for d in classified["data"]] == pytest.approx(torch.sigmoid(direct[:, 0]).tolist(), abs=1e-5)
         assert classified["data"][0]["num_classes"] == 1
+
+
+def test_reward_model_scores_a_conversation(reward_model):
+    base_url, path, template = reward_model
+    conversation = [{"role": "user", "content": "is the sky blue?"}, {"role": "assistant", "content": "yes, on clear days"}]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False), add_special_tokens=False)["input_ids"]
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        scored = http.post("/classify", json={"messages": conversation}).json()
+        assert scored["usage"]["prompt_tokens"] == len(ids)
+        assert scored["data"][0]["logits"] == pytest.approx(reference_scores(path, [ids])[0].tolist(), abs=1e-4)
+        both = http.post("/classify", json={"messages": conversation, "input": "x"})
+        assert both.status_code == 400 and "exactly one of input and messages" in both.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from srt.runtime.messages import (
     InternalState,
     FinishAbort,
     ReqOutput,
+    TokenizedBatch,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
 )
@@ -246,10 +247,14 @@ class TokenizerManager:
         arrival = time.perf_counter()
         states = {}
         try:
+            per_replica: dict[int, list] = {}
             for req in reqs:
                 stream = getattr(req, "stream", False)
                 states[req.rid] = self.states[req.rid] = _ReqState(self._pick_replica(), stream, merged)
-                await self._to_replicas[states[req.rid].replica].send(req)
+                per_replica.setdefault(states[req.rid].replica, []).append(req)
+            for replica, batch in per_replica.items():
+                # One message for all of a call's requests: the scheduler sees them together, in one batch.
+                await self._to_replicas[replica].send(batch[0] if len(batch) == 1 else TokenizedBatch(batch))
             last = dict.fromkeys(states, arrival)
             running = len(reqs)
             while running:

@@ -52,7 +52,8 @@ def apply_tp_plan(
 
     Linears the plan does not name stay replicated. With one rank the swap still
     happens, so TP=1 runs the same code as TP=N. A model without a plan is refused at TP > 1
-    unless ``replicate_unplanned``: then every rank holds and computes all of it.
+    unless ``replicate_unplanned``: then every rank holds and computes all of it, its linears
+    srt's (whole on each rank) so that their GEMMs run on packed CPU weights too.
     """
     plan = dict(getattr(model, "tp_plan", None) or {})
     if not plan and tp_group.size > 1 and replicate_unplanned:
@@ -68,7 +69,10 @@ def apply_tp_plan(
             shard_experts(module, dtype, device, tp_group, ep_size, experts_kernel(device))
             experts_modules += 1
             continue
-        replacement = _parallel_twin(module, _style(plan, name), dtype, device, shape, tp_group)
+        style = _style(plan, name)
+        if style is None and replicate_unplanned and isinstance(module, nn.Linear):
+            style = "replicate_packable"
+        replacement = _parallel_twin(module, style, dtype, device, shape, tp_group)
         if replacement is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, replacement)
@@ -150,6 +154,8 @@ def _parallel_twin(
             packed=2 if style == "packed_colwise" else 1,
             num_shards=shape.num_kv_heads if kv_replicated and not gather else None,
         )
+    if style == "replicate_packable":  # whole on every rank, in srt's linear (its GEMM on packed CPU weights)
+        return ColumnParallelLinear(*args, num_shards=1)
     if style in ("rowwise", "local_rowwise", "rowwise_split_input", "packed_rowwise", "rowwise_rep"):
         return RowParallelLinear(
             *args, input_is_parallel=style != "rowwise_split_input", packed=2 if style == "packed_rowwise" else 1

@@ -78,6 +78,13 @@ class TokenizedEmbeddingReq:
 
 
 @dataclass
+class TokenizedBatch:
+    """Requests sent together (one API call's prompts), so that the scheduler admits them together."""
+
+    reqs: list[TokenizedGenerateReq | TokenizedEmbeddingReq]
+
+
+@dataclass
 class AbortReq:
     rid: str
 

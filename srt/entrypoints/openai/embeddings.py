@@ -7,6 +7,7 @@ import base64
 from fastapi import APIRouter, Request
 
 from srt.entrypoints.errors import check_model
+from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.streaming import until_disconnected
 from srt.entrypoints.openai.pooling_protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EncodeReqInput, PoolingUsage
 from srt.runtime.embedding_request import EmbeddingItem, check_dimensions, embedding_vector, encode_result, is_single, items_of
@@ -21,7 +22,9 @@ async def run_pooling(request: Request, model: str | None, items: list[Embedding
     """Check the model name and the inputs, run them, and give each input's output (every pooling route's core)."""
     check_model(request, model)
     tm: TokenizerManager = request.app.state.tokenizer_manager
-    return await until_disconnected(request, tm.encode(tm.check_embedding(items)))
+    chars = sum(len(item.text or "") + len(item.text_pair or "") for item in items)
+    reqs = await off_loop_if_long(chars, tm.check_embedding, items)  # long texts tokenized off the event loop
+    return await until_disconnected(request, tm.encode(reqs))
 
 
 def usage_of(outputs: list[EmbeddingOutput]) -> PoolingUsage:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from srt.entrypoints.openai.protocol import ChatMessage
+
 # What a route takes as input: a string, strings, token ids, or lists of token ids.
 Inputs = str | list[str] | list[int] | list[list[int]]
 
@@ -50,8 +52,12 @@ class EncodeReqInput(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    """vLLM's ``/classify``: ``input`` (texts or token ids), or ``messages``, one conversation
+    rendered with the chat template (what a reward model scores)."""
+
     model: str | None = None
-    input: Inputs
+    input: Inputs | None = None
+    messages: list[ChatMessage] | None = None
     user: str | None = None
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from srt.entrypoints.openai.embeddings import run_pooling, usage_of
+from srt.entrypoints.openai.prompts import chat_prompt
+from srt.entrypoints.openai.protocol import ChatCompletionRequest
 from srt.entrypoints.openai.pooling_protocol import (
     ClassifyData,
     ClassifyRequest,
@@ -39,7 +41,17 @@ async def _classify(body: ClassifyRequest, request: Request) -> ClassifyResponse
     info: SchedulerInfo = request.app.state.tokenizer_manager.info
     if info.task == "embed":
         raise InvalidRequestError("this server runs an embedding model, which has no labels: use /v1/embeddings", "model")
-    outputs = await run_pooling(request, body.model, items_of(body.input))
+    if (body.input is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of input and messages", param="input")
+    if body.messages is not None:
+        if request.app.state.tokenizer_manager.tokenizer is None:
+            raise InvalidRequestError("messages need the tokenizer (this server runs with --skip-tokenizer-init)", "messages")
+        chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=False)
+        _, ids = chat_prompt(request.app.state.tokenizer_manager.tokenizer, request.app.state.server_args.chat_template, chat)
+        items = [EmbeddingItem(input_ids=ids)]
+    else:
+        items = items_of(body.input)
+    outputs = await run_pooling(request, body.model, items)
     data = []
     for i, out in enumerate(outputs):
         logits = logits_of(out)
