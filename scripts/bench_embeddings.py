@@ -2,12 +2,13 @@
 same weights, same texts, same machine, one run.
 
     python scripts/bench_embeddings.py [--model-path DIR] [--num-requests 256] [--input-len 128] \\
-        [--dtype float32] [--st-python /path/to/venv-st/bin/python]
+        [--random-range-ratio 1.0] [--dtype float32] [--st-python /path/to/venv-st/bin/python]
 
 Without ``--model-path`` a random BERT-base-sized embedder (12 layers, hidden 768, mean pooling,
 normalised, as a sentence-transformers folder) is built first. Each text is ``input-len``
-tokens. Rounds alternate between the systems (``--rounds``, after a warm-up of each) and
-the median is reported, since one run on a shared 2-core machine varies by 15-20%.
+tokens (or between ``random-range-ratio`` times that and that). Rounds alternate between
+the systems (``--rounds``, after a warm-up of each) and the median is reported, since one
+run on a shared 2-core machine varies by 15-20%.
 
 - srt: ``srt.Engine.encode`` of all texts at once (the scheduler batches them).
 - transformers: ``AutoModel`` with SDPA attention in batches of ``--batch-size``, mean pooled
@@ -61,10 +62,12 @@ def build_model(directory: str) -> str:
     return build_pooling_model("bert", directory, sentence_transformers={"pooling": "mean"}, **_BERT_BASE, initializer_range=0.02)
 
 
-def random_texts(n: int, tokens: int, seed: int = 0) -> list[str]:
-    """Texts of ``tokens`` tokens for the byte tokenizer of the built model: [CLS] + bytes + [SEP]."""
+def random_texts(n: int, tokens: int, range_ratio: float = 1.0, seed: int = 0) -> list[str]:
+    """Texts of ``range_ratio * tokens`` to ``tokens`` tokens (uniformly, SGLang's random dataset's
+    rule) for the byte tokenizer of the built model: [CLS] + bytes + [SEP]."""
     rng = random.Random(seed)
-    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(tokens - 2)) for _ in range(n)]
+    lengths = [rng.randint(max(int(tokens * range_ratio), 3), tokens) for _ in range(n)]
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(length - 2)) for length in lengths]
 
 
 class TransformersEmbedder:
@@ -75,18 +78,21 @@ class TransformersEmbedder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        rows = []
+        """Batches of texts sorted by length, as sentence-transformers forms them; rows in input order."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        rows = torch.empty(len(texts), self.model.config.hidden_size)
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i : i + self.batch_size], padding=True, return_tensors="pt")
+            chosen = order[i : i + self.batch_size]
+            batch = self.tokenizer([texts[j] for j in chosen], padding=True, return_tensors="pt")
             hidden = self.model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
-            rows.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-        return torch.cat(rows)
+            rows[chosen] = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        return rows
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return time.perf_counter() - start, out
 
 
@@ -95,6 +101,7 @@ def main() -> None:
     parser.add_argument("--model-path")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--random-range-ratio", type=float, default=1.0, help="texts of ratio x input-len to input-len tokens")
     parser.add_argument("--batch-size", type=int, default=32, help="the baselines' batch size (sentence-transformers' default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
@@ -105,7 +112,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_path or build_model(os.path.join(tmp, "bert-base-random"))
-        texts = random_texts(args.num_requests, args.input_len)
+        texts = random_texts(args.num_requests, args.input_len, args.random_range_ratio)
         dtype = getattr(torch, args.dtype)
         baseline = TransformersEmbedder(path, dtype, args.batch_size)
         times: dict[str, list[float]] = {"srt": [], "transformers": []}
@@ -113,13 +120,13 @@ def main() -> None:
             engine.encode(prompt=texts[: args.batch_size])
             baseline.encode(texts[: args.batch_size])
             for _ in range(args.rounds):
-                seconds, results = timed(lambda: engine.encode(prompt=texts))
+                seconds, results = timed(engine.encode, texts)
                 times["srt"].append(seconds)
-                seconds, reference = timed(lambda: baseline.encode(texts))
+                seconds, reference = timed(baseline.encode, texts)
                 times["transformers"].append(seconds)
         got = torch.tensor([r["embedding"] for r in results])
         tokens = sum(r["meta_info"]["prompt_tokens"] for r in results)
-        del baseline
+        del baseline  # its memory, before sentence-transformers loads its own copy
         if args.st_python:
             with open(os.path.join(tmp, "texts.json"), "w") as f:
                 json.dump(texts, f)
@@ -130,7 +137,7 @@ def main() -> None:
             st = json.loads(run.stdout)
             times["sentence-transformers"] = st["times"]
             st_first = torch.tensor(st["first"])
-    print(f"\n{args.num_requests} requests x {tokens // len(results)} tokens, {args.dtype}, median of {args.rounds} rounds")
+    print(f"\n{args.num_requests} requests, {tokens // len(results)} tokens on average, {args.dtype}, median of {args.rounds} rounds")
     print(f"max |srt - transformers| over all embeddings: {(got - reference).abs().max().item():.2e}")
     if args.st_python:
         print(f"max |srt - sentence-transformers| (first embedding): {(got[0] - st_first).abs().max().item():.2e}")
