@@ -112,25 +112,27 @@ class EncoderScheduler:
             self.outbox.append(EmbeddingOutput(rid, b"", len(req.input_ids), finish_reason=FinishAbort("aborted")))
 
     def step(self) -> None:
-        """Encode one batch: of the first ``--max-running-requests`` waiting requests (first come
-        first), the shortest, as many as fit ``--max-prefill-tokens`` padded to the longest
-        of them; a request alone always runs. Taking inputs of like length together keeps
-        the padding small (sentence-transformers sorts its inputs for the same reason); the
-        window bounds how long a long input can be passed over."""
-        window = sorted(self.waiting[: self.runner.plan.max_running_requests], key=lambda r: len(r.input_ids))
-        batch: list[TokenizedEmbeddingReq] = []
-        for req in window:
-            if batch and len(req.input_ids) * (len(batch) + 1) > self.args.max_prefill_tokens:
+        """Encode one batch: the oldest waiting request, and with it the shortest of the next
+        ``--max-running-requests`` waiting ones, as many as fit ``--max-prefill-tokens`` padded
+        to the longest. Inputs of like length together keep the padding small (sentence-
+        transformers sorts its inputs for the same reason); the oldest always runs, so a long
+        input is never passed over for ever."""
+        if not self.waiting:
+            return
+        oldest, *window = self.waiting[: self.runner.plan.max_running_requests]
+        batch, width = [oldest], len(oldest.input_ids)
+        for req in sorted(window, key=lambda r: len(r.input_ids)):
+            wider = max(width, len(req.input_ids))
+            if wider * (len(batch) + 1) > self.args.max_prefill_tokens:
                 break
             batch.append(req)
-        if not batch:
-            return
+            width = wider
         chosen = {id(r) for r in batch}
         self.waiting = [r for r in self.waiting if id(r) not in chosen]
         vectors = self.runner.encoder([r.input_ids for r in batch], [r.token_type_ids for r in batch])
         self.outbox.extend(output_of(r.rid, v, len(r.input_ids)) for r, v in zip(batch, vectors))
-        padded = len(batch[-1].input_ids) * len(batch)
-        logger.debug("Encode batch. #seq: %d, #token: %d (padded %d), #queue-req: %d", len(batch), sum(len(r.input_ids) for r in batch), padded, len(self.waiting))
+        tokens = sum(len(r.input_ids) for r in batch)
+        logger.debug("Encode batch. #seq: %d, #token: %d (padded %d), #queue-req: %d", len(batch), tokens, width * len(batch), len(self.waiting))
 
     def take_outputs(self) -> list[BatchTokenOut | BatchEmbeddingOut]:
         outputs, self.outbox = self.outbox, []

@@ -36,7 +36,8 @@ DECODER_CASES = {
     "llama-causal-lm": (lambda d: build_tiny_model("llama", d), "last", {"is_embedding": True, **CHUNKED}),
 }
 ENCODER_CASES = {
-    # A budget of 64 padded tokens: the encoder runs shortest-first batches ([3, 7], [28, 29], [42] tokens).
+    # A budget of 64 padded tokens: the oldest input with the shortest others that fit
+    # ([29, 3], [28, 7], [42] tokens, padded).
     "bert-cls": (lambda d: build_pooling_model("bert", d), "cls", {"max_prefill_tokens": 64}),
     "roberta-mean": (lambda d: build_pooling_model("roberta", d, sentence_transformers={"pooling": "mean"}), "mean", {}),
     "modernbert-mean": (lambda d: build_pooling_model("modernbert", d, sentence_transformers={"pooling": "mean", "normalize": False}), "mean", {}),
