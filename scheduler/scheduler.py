@@ -16,16 +16,24 @@ import time
 
 import torch
 
-from srt.sampling.sampling_params import SamplingParams
 from srt.mem_cache.base_prefix_cache import PrefixCache
 from srt.mem_cache.chunk_cache import ChunkCache
 from srt.mem_cache.radix_cache import RadixCache
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
 from srt.platform.device import default_chunked_prefill_size, in_host_memory
-from srt.runtime.messages import BatchEmbeddingOut, BatchTokenOut, EmbeddingOutput, FinishAbort, InternalState, TokenizedEmbeddingReq, TokenizedGenerateReq
+from srt.runtime.messages import (
+    BatchEmbeddingOut,
+    BatchTokenOut,
+    EmbeddingOutput,
+    FinishAbort,
+    InternalState,
+    TokenizedEmbeddingReq,
+    TokenizedGenerateReq,
+)
 from srt.sampling.grammar.backend import GrammarKey, create_grammar_backend
 from srt.sampling.grammar.mask_filler import MaskFiller
+from srt.sampling.sampling_params import SamplingParams
 from srt.scheduler.decode import DecodeScheduler
 from srt.scheduler.embedding import DecoderPooling, refused, refused_generation
 from srt.scheduler.grammar_queue import GrammarQueue

@@ -85,6 +85,14 @@ def test_embeddings_match_transformers(case, tp, tmp_path):
         assert cached == [0, 0], cached  # mean pooling and encoders compute every token
 
 
+def test_masked_lm_checkpoint_served_with_is_embedding(tmp_path):
+    """A BERT MLM checkpoint (no pooler weights, an LM head to ignore) embeds from its base model."""
+    path = build_pooling_model("bert", str(tmp_path / "mlm"), head="masked_lm")
+    inputs = _encoder_inputs()
+    got, _ = _encode(path, inputs, is_embedding=True)
+    torch.testing.assert_close(got, reference_embeddings(path, inputs, "cls"), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
 def test_classifier_scores_match_transformers(model_type, tp, tmp_path):

@@ -155,6 +155,7 @@ def test_reward_model_scores_a_conversation(reward_model):
         ("/v1/embeddings", {"input": [[5] * 33000]}, "more than the"),
         ("/v1/embeddings", {"input": "hi", "model": "other"}, "does not exist"),
         ("/v1/embeddings", {"input": [1.5]}, "input"),
+        ("/v1/rerank", {"query": "q", "documents": ["d"], "truncate_prompt_tokens": 4}, "truncate_prompt_tokens is not supported"),
     ],
 )
 def test_embedder_refuses_bad_requests(embedder, route, body, message):

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 from tokenizers import processors
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from tiny_models import VOCAB, byte_tokenizer
 
@@ -38,15 +38,15 @@ def build_pooling_model(
     sentence_transformers: dict | None = None,
     **overrides,
 ) -> str:
-    """Save a random float32 ``model_type`` model: a base model (``head="embed"``), or a
-    sequence classifier (``head="classify"``), with a byte tokenizer that joins pairs as BERT's
+    """Save a random float32 ``model_type`` model: a base model (``head="embed"``), a sequence
+    classifier (``head="classify"``) or a masked LM (``head="masked_lm"``), with a byte tokenizer that joins pairs as BERT's
     does (``[CLS] a [SEP] b [SEP]``, segment ids for encoders that have them).
     ``sentence_transformers``: ``{"pooling": "mean", "normalize": True}`` writes modules.json and
     1_Pooling/config.json."""
     architecture = {**ENCODERS, **DECODERS}[model_type]
     config = AutoConfig.for_model(model_type, **{**_SMALL, **architecture, **overrides})
     torch.manual_seed(0)
-    cls = AutoModelForSequenceClassification if head == "classify" else AutoModel
+    cls = {"classify": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}.get(head, AutoModel)
     model = cls.from_config(config, dtype=torch.float32, attn_implementation="eager")
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)

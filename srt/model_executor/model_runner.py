@@ -127,7 +127,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Float32 logits ``[rows, vocab]`` at ``batch.logit_rows`` (by default each request's last new token)."""
+        """Float32 logits ``[rows, vocab]`` at ``batch.logit_rows`` (by default each request's last new
+        token); a pooling model's hidden states ``[rows, hidden]`` there instead, which ``score`` finishes."""
         with self.attention.running(batch):
             if self.task.is_pooling:
                 return self._call(batch.input_ids, batch.positions).last_hidden_state[0, batch.logit_rows]

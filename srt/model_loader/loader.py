@@ -73,6 +73,10 @@ def load_model(
         raise ValueError(f"{type(model).__name__} {not_routed} (_supports_attention_backend is False), so srt cannot serve it")
     model.config._attn_implementation = attn_implementation
     model.config._experts_implementation = EXPERTS_IMPLEMENTATION
+    if task == "embed" and isinstance(getattr(model, "pooler", None), nn.Module):
+        # BERT-style base models compute a pooled [CLS] output that embeddings never read (srt
+        # pools the hidden states, as sentence-transformers does); MLM checkpoints have no weights for it.
+        model.pooler = None
     encoder = is_encoder(model)
     if encoder:
         model.set_attn_implementation("sdpa" if model._supports_sdpa else "eager")

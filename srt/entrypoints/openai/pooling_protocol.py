@@ -13,13 +13,20 @@ from srt.entrypoints.openai.protocol import ChatMessage
 Inputs = str | list[str] | list[int] | list[list[int]]
 
 
+class PoolingRequest(BaseModel):
+    """Fields every pooling route's body has. ``truncate_prompt_tokens`` (vLLM's) is declared so
+    that it is refused by name: srt refuses an input longer than the model takes, never cuts it."""
+
+    model: str | None = None
+    truncate_prompt_tokens: int | None = None
+
+
 class PoolingUsage(BaseModel):
     prompt_tokens: int
     total_tokens: int
 
 
-class EmbeddingRequest(BaseModel):
-    model: str | None = None
+class EmbeddingRequest(PoolingRequest):
     input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -51,11 +58,10 @@ class EncodeReqInput(BaseModel):
     model: str | None = None
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(PoolingRequest):
     """vLLM's ``/classify``: ``input`` (texts or token ids), or ``messages``, one conversation
     rendered with the chat template (what a reward model scores)."""
 
-    model: str | None = None
     input: Inputs | None = None
     messages: list[ChatMessage] | None = None
     user: str | None = None
@@ -78,10 +84,9 @@ class ClassifyResponse(BaseModel):
     usage: PoolingUsage
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(PoolingRequest):
     """vLLM's ``/v1/score``: ``text_1`` against each of ``text_2`` (one against many, or pairwise)."""
 
-    model: str | None = None
     text_1: str | list[str]
     text_2: str | list[str]
 
@@ -101,8 +106,7 @@ class ScoreResponse(BaseModel):
     usage: PoolingUsage
 
 
-class RerankRequest(BaseModel):
-    model: str | None = None
+class RerankRequest(PoolingRequest):
     query: str
     documents: list[str] = Field(min_length=1)
     top_n: int | None = Field(None, ge=1)

@@ -51,7 +51,7 @@ async def _classify(body: ClassifyRequest, request: Request) -> ClassifyResponse
         items = [EmbeddingItem(input_ids=ids)]
     else:
         items = items_of(body.input)
-    outputs = await run_pooling(request, body.model, items)
+    outputs = await run_pooling(request, body, items)
     data = []
     for i, out in enumerate(outputs):
         logits = logits_of(out)
@@ -67,17 +67,17 @@ router.post("/classify", response_model=ClassifyResponse)(_classify)
 router.post("/v1/classify", response_model=ClassifyResponse)(_classify)
 
 
-async def pair_scores(request: Request, model: str | None, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
+async def pair_scores(request: Request, body: ScoreRequest | RerankRequest, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
     """Each (query, document) pair's score, and the tokens read."""
     info: SchedulerInfo = request.app.state.tokenizer_manager.info
     if info.task == "classify":
         if len(info.labels) != 1:
             raise InvalidRequestError(f"scoring pairs needs a cross-encoder with one label; this classifier has {len(info.labels)}", "model")
-        outputs = await run_pooling(request, model, [EmbeddingItem(text=q, text_pair=d) for q, d in pairs])
+        outputs = await run_pooling(request, body, [EmbeddingItem(text=q, text_pair=d) for q, d in pairs])
         return [float(label_probabilities(logits_of(out))[0]) for out in outputs], usage_of(outputs).total_tokens
     # An embedding model: each distinct text embedded once.
     texts = list(dict.fromkeys(text for pair in pairs for text in pair))
-    outputs = await run_pooling(request, model, [EmbeddingItem(text=text) for text in texts])
+    outputs = await run_pooling(request, body, [EmbeddingItem(text=text) for text in texts])
     vectors = {}
     for text, out in zip(texts, outputs):
         vector = embedding_vector(out, info)
@@ -94,7 +94,7 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         firsts = firsts * len(seconds)
     if not seconds or len(firsts) != len(seconds):
         raise InvalidRequestError("text_1 must be one text, or as many texts as text_2", param="text_1")
-    scores, tokens = await pair_scores(request, body.model, list(zip(firsts, seconds)))
+    scores, tokens = await pair_scores(request, body, list(zip(firsts, seconds)))
     return ScoreResponse(
         id=f"score-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -108,7 +108,7 @@ async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
 @router.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True)
 @router.post("/v2/rerank", response_model=RerankResponse, response_model_exclude_none=True)
 async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
-    scores, tokens = await pair_scores(request, body.model, [(body.query, doc) for doc in body.documents])
+    scores, tokens = await pair_scores(request, body, [(body.query, doc) for doc in body.documents])
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]
     results = [
         RerankResult(

@@ -86,7 +86,7 @@ def _refuse_unsupported(module: torch.nn.Module, kwargs: dict) -> None:
     name = type(module).__name__
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal", True) is False:
         raise UnsupportedAttention(
-            f"{name} attends bidirectionally (is_causal=False): an encoder, not a generation model"
+            f"{name} attends bidirectionally (is_causal=False): an encoder, not a generation model (--is-embedding serves its embeddings)"
         )
     for key, value in kwargs.items():
         if key in _HARMLESS_KEYWORDS or key == "is_causal" or value is None:
