@@ -123,7 +123,7 @@ class TokenizerManager:
         ServerOverloadedError that too many generations are in flight already."""
         self.check_generates()
         items = obj.normalize()
-        self._check_count(len(items))
+        self._check_count(len(items), "generations", "text")
         limits = self.runtime.server_args
         if obj.top_logprobs_num > limits.max_logprobs:
             message = f"top_logprobs_num is {obj.top_logprobs_num}, more than the {limits.max_logprobs} allowed"
@@ -150,12 +150,12 @@ class TokenizerManager:
             message = f"this server runs a pooling model ({self.info.task}): it does not generate; use /v1/embeddings, /classify or /v1/score"
             raise InvalidRequestError(message, param="model", code="model_not_generative")
 
-    def _check_count(self, n: int) -> None:
+    def _check_count(self, n: int, what: str, param: str) -> None:
         limits = self.runtime.server_args
         if n > limits.max_prompts_per_request:
-            raise InvalidRequestError(f"{n} inputs in one request, more than the {limits.max_prompts_per_request} allowed", param="input")
+            raise InvalidRequestError(f"{n} {what} in one request, more than the {limits.max_prompts_per_request} allowed", param=param)
         if len(self.states) + n > limits.max_queued_requests:
-            raise ServerOverloadedError(f"{len(self.states)} requests are in flight (--max-queued-requests {limits.max_queued_requests})")
+            raise ServerOverloadedError(f"{len(self.states)} {what} are in flight (--max-queued-requests {limits.max_queued_requests})")
 
     def check_embedding(self, items: list[EmbeddingItem]) -> list[TokenizedEmbeddingReq]:
         """Tokenize and validate pooling inputs (texts, text pairs or token ids)."""
@@ -164,7 +164,7 @@ class TokenizerManager:
             raise InvalidRequestError(message, param="model", code="model_not_pooling")
         if not items:
             raise InvalidRequestError("the request has no input", param="input")
-        self._check_count(len(items))
+        self._check_count(len(items), "inputs", "input")
         self._check_rids_free([item.rid for item in items])
         reqs = []
         for item in items:
