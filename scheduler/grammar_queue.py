@@ -44,6 +44,10 @@ class GrammarQueue:
             self._compiled.move_to_end(key)
         self._pending[req.rid] = (req, future)
 
+    def reqs(self) -> list[Req]:
+        """The requests waiting for a compile."""
+        return [req for req, _ in self._pending.values()]
+
     def ready_rids(self) -> list[str]:
         """Requests whose compile is over, in arrival order (rank 0 asks)."""
         return [rid for rid, (_, future) in self._pending.items() if future.done()]

@@ -21,13 +21,13 @@ _PREFIX_POLICY_MAX_QUEUE = 128
 def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache) -> list[Req]:
     if policy == "fcfs" or len(waiting) > _PREFIX_POLICY_MAX_QUEUE or not cache.shares_prefixes:
         return list(waiting)
-    matches = {id(r): cache.match_prefix(r.fill_ids[:-1]) for r in waiting}
+    matches = {id(r): cache.match_prefix(r.fill_ids[:-1], r.lora_id) for r in waiting}
     if policy == "lpm":
         return sorted(waiting, key=lambda r: -len(matches[id(r)].kv_slots))
-    return _dfs_weight_order(waiting, {id(r): matches[id(r)].last_node for r in waiting}, cache.root)
+    return _dfs_weight_order(waiting, {id(r): matches[id(r)].last_node for r in waiting}, cache.all_roots())
 
 
-def _dfs_weight_order(waiting: list[Req], node_of: dict[int, TreeNode], root: TreeNode) -> list[Req]:
+def _dfs_weight_order(waiting: list[Req], node_of: dict[int, TreeNode], roots: list[TreeNode]) -> list[Req]:
     reqs_at = defaultdict(list)
     for req in waiting:
         reqs_at[id(node_of[id(req)])].append(req)
@@ -38,9 +38,10 @@ def _dfs_weight_order(waiting: list[Req], node_of: dict[int, TreeNode], root: Tr
         weight[id(node)] = w
         return w
 
-    subtree_weight(root)
+    for root in roots:
+        subtree_weight(root)
     order: list[Req] = []
-    stack = [root]
+    stack = sorted(roots, key=lambda r: weight[id(r)])  # one tree per LoRA adapter
     while stack:
         node = stack.pop()
         order.extend(reqs_at[id(node)])

@@ -30,6 +30,7 @@ class PrefillAdmission:
         self.cache = memory.cache
         self.decode = decode
         self.max_running_requests = max_running_requests
+        self.max_loras_per_batch = args.max_loras_per_batch
         self.chunk_size = chunk_size
         self.chunked: Req | None = None  # the request whose prompt is being prefilled chunk by chunk
         self.prompt_tokens = 0  # of admitted requests, and how many of those the cache held
@@ -60,7 +61,9 @@ class PrefillAdmission:
         for req in order_waiting(waiting, self.args.schedule_policy, self.cache):
             if len(running) + len(batch) >= self.max_running_requests or not self.memory.has_free_row():
                 break
-            match = self.cache.match_prefix(req.fill_ids[: req.reusable_prefix_len])
+            if not self._adapter_fits(req, running, batch):
+                continue  # it waits for a batch whose adapters leave it a slot
+            match = self.cache.match_prefix(req.fill_ids[: req.reusable_prefix_len], req.lora_id)
             if self._shares_uncached_prefix(req, len(match.kv_slots), batch):
                 continue  # next step it finds that prefix in the cache instead of computing it again
             pending = len(req.fill_ids) - len(match.kv_slots)
@@ -96,6 +99,14 @@ class PrefillAdmission:
             self.prompt_tokens += len(req.input_ids)
             self.cached_tokens += req.kv_len
 
+    def _adapter_fits(self, req: Req, running: list[Req], batch: list[Req]) -> bool:
+        """Whether the step's forward (running requests decode with this prefill, or next) still has a
+        LoRA slot for ``req``'s adapter."""
+        if req.lora_name is None:
+            return True
+        adapters = {r.lora_name for r in running + batch if r.lora_name is not None}
+        return req.lora_name in adapters or len(adapters) < self.max_loras_per_batch
+
     def _shares_uncached_prefix(self, req: Req, cached: int, batch: list[Req]) -> bool:
         """Whether a request already in this prefill batch computes a long stretch of ``req``'s
         uncached prefix (as SGLang's in-batch prefix check: defer, don't compute twice)."""
@@ -103,6 +114,8 @@ class PrefillAdmission:
             return False
         ids = req.fill_ids
         for other in batch:
+            if other.lora_id != req.lora_id:
+                continue  # computed under another adapter: it will not be in req's cache
             theirs = other.fill_ids
             limit = min(len(ids), len(theirs))
             if limit - cached < _IN_BATCH_PREFIX_MIN_TOKENS or ids[cached] != theirs[cached]:

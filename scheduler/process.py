@@ -27,10 +27,13 @@ from srt.runtime.messages import (
     GetInternalStateReq,
     GrammarsReady,
     InternalStateReply,
+    LoadLoRAAdapterReq,
+    LoRAAdapterReply,
     SchedulerInfo,
     TokenizedBatch,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
+    UnloadLoRAAdapterReq,
 )
 from srt.scheduler.embedding import EncoderScheduler
 from srt.scheduler.scheduler import Scheduler
@@ -106,7 +109,7 @@ def _next_messages(scheduler: Scheduler | EncoderScheduler, inbox: Receiver | No
     return messages
 
 
-def _dispatch(scheduler: Scheduler | EncoderScheduler, msg) -> FlushCacheReply | InternalStateReply | None:
+def _dispatch(scheduler: Scheduler | EncoderScheduler, msg) -> FlushCacheReply | InternalStateReply | LoRAAdapterReply | None:
     """Apply one message; a control request's reply is returned."""
     if isinstance(msg, TokenizedBatch):
         for req in msg.reqs:
@@ -123,6 +126,10 @@ def _dispatch(scheduler: Scheduler | EncoderScheduler, msg) -> FlushCacheReply |
         return FlushCacheReply(msg.request_id, scheduler.flush_cache())
     elif isinstance(msg, GetInternalStateReq):
         return InternalStateReply(msg.request_id, scheduler.internal_state())
+    elif isinstance(msg, LoadLoRAAdapterReq):
+        return scheduler.load_lora(msg)
+    elif isinstance(msg, UnloadLoRAAdapterReq):
+        return scheduler.unload_lora(msg)
     else:
         raise TypeError(f"scheduler got an unexpected message {type(msg).__name__}")
     return None

@@ -27,6 +27,10 @@ class Req:
     # the float32 sum of the hidden states of the chunks computed so far.
     pooling: str | None = None
     pooled_sum: Any = None
+    # The LoRA adapter the request runs under (None: the base model), and the id of that
+    # adapter's load: the prefix-cache namespace its K/V belong to.
+    lora_name: str | None = None
+    lora_id: int | None = None
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from srt.lora.adapter import AdapterError
 from srt.mem_cache.base_prefix_cache import PrefixCache
 from srt.mem_cache.chunk_cache import ChunkCache
 from srt.mem_cache.radix_cache import RadixCache
@@ -28,8 +29,11 @@ from srt.runtime.messages import (
     EmbeddingOutput,
     FinishAbort,
     InternalState,
+    LoadLoRAAdapterReq,
+    LoRAAdapterReply,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
+    UnloadLoRAAdapterReq,
 )
 from srt.sampling.grammar.backend import GrammarKey, create_grammar_backend
 from srt.sampling.grammar.mask_filler import MaskFiller
@@ -101,6 +105,13 @@ class Scheduler:
             msg.rid, list(msg.input_ids), params, seed, stop_ids, msg.return_logprob, msg.top_logprobs_num, msg.stream,
             msg.logprob_start_len,
         )  # fmt: skip
+        if msg.lora_name is not None:
+            lora = self.runner.lora
+            if lora is None or msg.lora_name not in lora.ids:  # the front checks it; an unload may have raced it
+                req.finish_reason = FinishAbort(f"LoRA adapter {msg.lora_name!r} is not loaded", 400)
+                self.output.emit(req)
+                return
+            req.lora_name, req.lora_id = msg.lora_name, lora.ids[msg.lora_name]
         if params.constraint is None:
             self.waiting.append(req)
         elif self.grammars is None:  # the TokenizerManager refuses these; a direct caller gets told too
@@ -147,6 +158,28 @@ class Scheduler:
             req.finish_reason = FinishAbort("aborted")
             self.memory.release(req)
             self.output.emit(req)
+
+    def load_lora(self, msg: LoadLoRAAdapterReq) -> LoRAAdapterReply:
+        if self.runner.lora is None:
+            return LoRAAdapterReply(msg.request_id, "this server runs without --enable-lora")
+        try:
+            self.runner.lora.load(msg.lora_name, msg.lora_path)
+        except (AdapterError, OSError, ValueError) as e:
+            return LoRAAdapterReply(msg.request_id, str(e))
+        return LoRAAdapterReply(msg.request_id)
+
+    def unload_lora(self, msg: UnloadLoRAAdapterReq) -> LoRAAdapterReply:
+        """Forget an adapter and free its cached prefixes; refused while a request uses it."""
+        lora = self.runner.lora
+        if lora is None or msg.lora_name not in lora.ids:
+            return LoRAAdapterReply(msg.request_id, f"LoRA adapter {msg.lora_name!r} is not loaded")
+        queued = self.grammars.reqs() if self.grammars else []
+        in_flight = [*self.waiting, *self.running, *queued, *([self.prefill.chunked] if self.prefill.chunked else [])]
+        users = [r for r in in_flight if r.lora_name == msg.lora_name]
+        if users:
+            return LoRAAdapterReply(msg.request_id, f"LoRA adapter {msg.lora_name!r} is in use by {len(users)} request(s)")
+        self.cache.drop_namespace(lora.unload(msg.lora_name))
+        return LoRAAdapterReply(msg.request_id)
 
     def take_outputs(self) -> list[BatchTokenOut | BatchEmbeddingOut]:
         """What to send since the last call: token outputs, and pooling results."""
@@ -262,6 +295,7 @@ class Scheduler:
             req_to_token=table,
             kv_cache=self.runner.kv_cache,
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=device),
+            lora_adapters=[r.lora_name for r in batch] if any(r.lora_name for r in batch) else None,
         )
 
     # ---- logging -------------------------------------------------------------------------

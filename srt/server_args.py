@@ -70,6 +70,14 @@ class ServerArgs:
     grammar_backend: Literal["xgrammar", "llguidance", "none"] = field(default="xgrammar", metadata={"help": "library that compiles json_schema / regex / ebnf constraints; none refuses them"})
     constrained_json_disable_any_whitespace: bool = field(default=False, metadata={"help": "JSON output has no free whitespace between tokens (by default the grammar allows any)"})
 
+    # LoRA adapters (PEFT folders), batched per token over one base model
+    enable_lora: bool = field(default=False, metadata={"help": "serve LoRA adapters (implied by --lora-paths)"})
+    lora_paths: list[str] | None = field(default=None, metadata={"help": "adapters loaded at start-up: name=path (a PEFT folder) or path, which is then the name"})
+    max_loras_per_batch: int = field(default=8, metadata={"help": "adapters one batch may mix (each takes a slot in every adapted layer)"})
+    max_loaded_loras: int | None = field(default=None, metadata={"help": "adapters held in host memory at once; default: no limit"})
+    max_lora_rank: int | None = field(default=None, metadata={"help": "largest adapter rank the slots hold; default: the largest of --lora-paths"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "modules that get adapter slots (q_proj ..., or all); default: those --lora-paths adapt"})
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = 30000
@@ -90,6 +98,8 @@ class ServerArgs:
     decode_log_interval: int = 40
 
     def __post_init__(self) -> None:
+        if self.lora_paths:
+            self.enable_lora = True
         self._check()
         if self.random_seed is None:
             # Fixed here, so every TP rank draws the same seeds for unseeded requests.
@@ -119,6 +129,10 @@ class ServerArgs:
             f"ep_size={self.ep_size} must divide tp_size={self.tp_size}: expert-parallel groups are made of the TP group's ranks",
         )
         require(self.dp_size >= 1, f"dp_size must be >= 1, got {self.dp_size}")
+        require(self.max_loras_per_batch >= 1, f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        require(self.max_loaded_loras is None or self.max_loaded_loras >= 1, "max_loaded_loras must be positive")
+        require(self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank must be positive")
+        require(not (self.enable_lora and self.enable_torch_compile), "--enable-lora with --enable-torch-compile is not supported")
         for name in ("max_request_body_bytes", "max_prompts_per_request", "max_logprobs", "max_logit_bias_entries", "max_queued_requests",
                      "timeout_keep_alive", "timeout_header_read", "timeout_body_read"):  # fmt: skip
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
@@ -143,6 +157,8 @@ class ServerArgs:
             kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
             if kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+            elif _is_list(kind):
+                kwargs["nargs"] = "+"
             else:
                 kwargs["type"] = _scalar_type(kind)
                 choices = _literal_choices(kind)
@@ -185,6 +201,10 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _is_list(kind: Any) -> bool:
+    return get_origin(_without_none(kind)) is list
+
+
 def _literal_choices(kind: Any) -> tuple | None:
     """The values of a ``Literal[...]`` (or ``Literal[...] | None``) field."""
     kind = _without_none(kind)
@@ -212,6 +232,10 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         if type(None) in get_args(kind):
             return None
         raise ValueError(f"{name} must not be null")
+    if _is_list(kind):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a list of strings, got {value!r}")
+        return value
     target = _scalar_type(kind)
     if target is bool:
         if isinstance(value, bool):

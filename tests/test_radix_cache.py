@@ -525,3 +525,22 @@ TestRadixCacheRandomOps = CacheMachine.TestCase
 TestRadixCacheRandomOps.settings = settings(max_examples=400, stateful_step_count=50, deadline=None)
 TestChunkCacheRandomOps = ChunkCacheMachine.TestCase
 TestChunkCacheRandomOps.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_namespaces_never_share_prefixes_and_drop_frees_a_whole_one():
+    """A LoRA adapter's K/V live in its own tree: the same tokens in another namespace (or the
+    base model's) are not a match, and dropping the namespace frees exactly its slots."""
+    allocator, cache = new_cache()
+    base = put(cache, allocator, [1, 2, 3])
+    slots = allocator.alloc(4)
+    assert cache.insert([1, 2, 3, 4], slots, namespace=7) == 0  # the base model's [1, 2, 3] is no help
+    assert cache.match_prefix([1, 2, 3, 4], namespace=7).kv_slots.tolist() == slots.tolist()
+    assert cache.match_prefix([1, 2, 3, 4]).kv_slots.tolist() == base.tolist()
+    assert len(cache.match_prefix([1, 2, 3, 4], namespace=8).kv_slots) == 0
+    assert cache.total_size() == 7 and len(cache.all_roots()) == 3  # namespace 8's root was made empty
+    free_before = allocator.available_size()
+    cache.drop_namespace(7)
+    assert allocator.available_size() == free_before + 4
+    assert cache.total_size() == cache.evictable_size() == 3
+    assert len(cache.match_prefix([1, 2, 3, 4], namespace=7).kv_slots) == 0
+    assert cache.evict(100) == 3  # what is left is the base model's

@@ -21,6 +21,7 @@ from typing import Any
 import zmq.asyncio
 
 from srt.tokenizer_manager.metrics import Metrics
+from srt.lora.adapter import parse_lora_paths
 from srt.model_loader.default_model import resolve_model_path
 from srt.model_loader.tokenizer import load_tokenizer
 from srt.runtime.embedding_request import EmbeddingItem
@@ -36,10 +37,12 @@ from srt.runtime.messages import (
     GetInternalStateReq,
     InternalState,
     FinishAbort,
+    LoadLoRAAdapterReq,
     ReqOutput,
     TokenizedBatch,
     TokenizedEmbeddingReq,
     TokenizedGenerateReq,
+    UnloadLoRAAdapterReq,
 )
 from srt.runtime.runtime import Runtime
 from srt.sampling.sampling_params import SamplingParams, is_valid_unicode
@@ -79,6 +82,8 @@ class TokenizerManager:
         self._failure: str | None = None
         self._background: set[asyncio.Task] = set()
         self._started = False
+        # LoRA adapters the schedulers hold, by name (their folders): --lora-paths, then /load_lora_adapter.
+        self.lora_adapters = parse_lora_paths(runtime.server_args.lora_paths)
 
     @classmethod
     def launch(cls, server_args: ServerArgs) -> TokenizerManager:
@@ -135,14 +140,27 @@ class TokenizerManager:
         for item in items:
             input_ids = next(tokenized) if item.text is not None else item.input_ids
             params = self._check_prompt(input_ids, item.sampling_params)
+            self.check_lora(item.lora_name)
             start = obj.logprob_start_len if obj.return_logprob else -1
             if start >= len(input_ids):
                 message = f"logprob_start_len ({start}) must be less than the prompt length ({len(input_ids)})"
                 raise InvalidRequestError(message, param="logprob_start_len")
             reqs.append(
-                TokenizedGenerateReq(item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream, start)
+                TokenizedGenerateReq(
+                    item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream, start, item.lora_name
+                )
             )
         return reqs
+
+    def check_lora(self, name: str | None) -> None:
+        """Refuse an adapter this server does not hold (None, the base model, is always there)."""
+        if name is None:
+            return
+        if not self.runtime.server_args.enable_lora:
+            raise InvalidRequestError(f"LoRA adapter {name!r} asked for, but this server runs without --enable-lora", param="lora_path")
+        if name not in self.lora_adapters:
+            message = f"LoRA adapter {name!r} is not loaded (loaded: {', '.join(self.lora_adapters) or 'none'})"
+            raise InvalidRequestError(message, param="lora_path", code="model_not_found")
 
     def check_generates(self) -> None:
         """Refuse generation on a server whose model pools (embeddings, scores)."""
@@ -329,6 +347,26 @@ class TokenizerManager:
         replies = await self._control(FlushCacheReq)
         return all(reply.success for reply in replies)
 
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load an adapter on every scheduler; InvalidRequestError says why one refused."""
+        if not self.runtime.server_args.enable_lora:
+            raise InvalidRequestError("this server runs without --enable-lora", param="lora_name")
+        if name in self.lora_adapters:
+            raise InvalidRequestError(f"a LoRA adapter named {name!r} is already loaded", param="lora_name")
+        await self._lora_control(lambda request_id: LoadLoRAAdapterReq(request_id, name, path), "lora_path")
+        self.lora_adapters[name] = path
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Unload an adapter from every scheduler (refused while a request uses it)."""
+        self.check_lora(name)
+        await self._lora_control(lambda request_id: UnloadLoRAAdapterReq(request_id, name), "lora_name")
+        del self.lora_adapters[name]
+
+    async def _lora_control(self, make: Callable[[str], Any], param: str) -> None:
+        errors = [reply.error for reply in await self._control(make) if reply.error is not None]
+        if errors:
+            raise InvalidRequestError(errors[0], param=param)
+
     async def get_internal_state(self) -> InternalState:
         """The scheduler's state (summed over data-parallel replicas)."""
         return InternalState.combine(await self.get_replica_states())
@@ -336,15 +374,16 @@ class TokenizerManager:
     async def get_replica_states(self) -> list[InternalState]:
         return [reply.state for reply in await self._control(GetInternalStateReq)]
 
-    async def _control(self, request_type: type) -> list[Any]:
-        """Send one ``request_type`` to each replica and gather the reply that names its request id."""
+    async def _control(self, make: Callable[[str], Any]) -> list[Any]:
+        """Send one control request (``make(request id)``) to each replica and gather the reply that
+        names its request id."""
         self._raise_if_failed()
         loop = asyncio.get_running_loop()
         ids = [uuid.uuid4().hex for _ in self._to_replicas]
         futures = [self._replies.setdefault(request_id, loop.create_future()) for request_id in ids]
         try:
             for sender, request_id in zip(self._to_replicas, ids):
-                await sender.send(request_type(request_id))
+                await sender.send(make(request_id))
             return list(await asyncio.gather(*futures))
         finally:
             for request_id in ids:

@@ -53,11 +53,13 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """One prompt gives one result dict, a list gives a list. ``stream=True`` gives an iterator of
         incremental results (new ``text`` and ``output_ids`` since the previous one; with several
-        prompts each item also says its ``index``)."""
-        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
+        prompts each item also says its ``index``). ``lora_path`` names the LoRA adapter (one for
+        all prompts or one each, None for the base model)."""
+        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path)
         if stream:
             return self._stream_sync(reqs, obj.is_single)
         results = [r.to_dict() for r in self._call(collect(self.tokenizer_manager, reqs))]
@@ -71,9 +73,10 @@ class Engine:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """``generate`` for callers in their own event loop."""
-        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream)
+        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path)
         if stream:
             return self._stream_async(reqs, obj.is_single)
         future = asyncio.run_coroutine_threadsafe(collect(self.tokenizer_manager, reqs), self._loop)
@@ -91,6 +94,14 @@ class Engine:
         reqs = self.tokenizer_manager.check_embedding(items_of(inputs, "prompt"))
         results = [encode_result(out, info, dimensions) for out in self._call(self.tokenizer_manager.encode(reqs))]
         return results[0] if is_single(inputs) else results
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
+        """Load the PEFT adapter in folder ``lora_path`` as ``lora_name`` (InvalidRequestError says why not)."""
+        self._call(self.tokenizer_manager.load_lora_adapter(lora_name, lora_path))
+
+    def unload_lora_adapter(self, lora_name: str) -> None:
+        """Unload an adapter; refused while a request uses it."""
+        self._call(self.tokenizer_manager.unload_lora_adapter(lora_name))
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache (refused while requests run)."""
@@ -118,7 +129,7 @@ class Engine:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _check(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream):
+    def _check(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path):
         """The request as a GenerateReqInput, tokenized and checked before anything is sent."""
         obj = GenerateReqInput(
             text=prompt,
@@ -127,6 +138,7 @@ class Engine:
             return_logprob=return_logprob,
             top_logprobs_num=top_logprobs_num,
             stream=stream,
+            lora_path=lora_path,
         )
         return obj, self.tokenizer_manager.check(obj)
 

@@ -7,7 +7,7 @@ per-model table. With one rank every layer is the plain linear it replaced.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +15,9 @@ from torch import nn
 from srt.layers.cpu_weight_packing import PackableWeight
 from srt.layers.weight_shards import loadable_param, read_full, read_shard
 from srt.platform.distributed import TPGroup
+
+if TYPE_CHECKING:
+    from srt.lora.linear_lora import LinearLoRA
 
 
 class ColumnParallelLinear(PackableWeight, nn.Module):
@@ -24,6 +27,8 @@ class ColumnParallelLinear(PackableWeight, nn.Module):
     num_shards`` consecutive ranks: how K/V projections with fewer KV heads than ranks
     are replicated (as in SGLang and vLLM).
     """
+
+    lora: LinearLoRA | None = None  # adapter slots, with --enable-lora (srt.lora)
 
     def __init__(
         self,
@@ -56,6 +61,8 @@ class ColumnParallelLinear(PackableWeight, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gemm(x, self.bias)
+        if self.lora is not None:
+            self.lora.add(y, x)
         return self.tp_group.all_gather(y) if self.gather_output else y
 
 
@@ -65,6 +72,8 @@ class RowParallelLinear(PackableWeight, nn.Module):
     ``input_is_parallel=False`` when the model feeds the full input (plans that say
     ``rowwise_split_input``): the layer takes its own slice first.
     """
+
+    lora: LinearLoRA | None = None
 
     def __init__(
         self,
@@ -96,6 +105,9 @@ class RowParallelLinear(PackableWeight, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel and self.tp_group.size > 1:
             x = x.chunk(self.tp_group.size, dim=-1)[self.tp_group.rank]
-        y = self.tp_group.all_reduce(self.gemm(x, None))
+        y = self.gemm(x, None)
+        if self.lora is not None:
+            self.lora.add(y, x)  # a partial sum on each rank, like the GEMM's (srt.lora.linear_lora)
+        y = self.tp_group.all_reduce(y)
         # The bias is added once, after the reduction, not once per rank.
         return y if self.bias is None else y + self.bias

@@ -48,8 +48,9 @@ class MatchResult:
 class PrefixCache(ABC):
     """A map from token prefixes to the KV slots that hold them.
 
-    ``root`` is the tree's root (it holds no tokens), so prefix-aware scheduling
-    policies can walk any cache. ``shares_prefixes`` says whether requests ever get
+    ``root`` is the base model's tree's root (it holds no tokens), and ``all_roots`` those of
+    every namespace (one per LoRA adapter: K/V of one never serve another), so prefix-aware
+    scheduling policies can walk any cache. ``shares_prefixes`` says whether requests ever get
     slots computed by others: False for a cache that shares nothing, where looking
     for shared prefixes is wasted work.
     """
@@ -58,20 +59,30 @@ class PrefixCache(ABC):
     shares_prefixes: bool
 
     @abstractmethod
-    def match_prefix(self, token_ids: list[int]) -> MatchResult:
-        """The longest cached prefix of ``token_ids``; its slots stay the cache's."""
+    def match_prefix(self, token_ids: list[int], namespace: int | None = None) -> MatchResult:
+        """The longest cached prefix of ``token_ids`` in ``namespace``; its slots stay the cache's."""
 
     @abstractmethod
-    def insert(self, token_ids: list[int], kv_slots: torch.Tensor) -> int:
+    def insert(self, token_ids: list[int], kv_slots: torch.Tensor, namespace: int | None = None) -> int:
         """Offer ``token_ids`` at ``kv_slots``; returns ``n``: the cache took ``kv_slots[n:]``."""
 
     @abstractmethod
-    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> None:
+    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode, namespace: int | None = None) -> None:
         """A request is done: keep what the cache wants, free the rest, drop its lock."""
 
     @abstractmethod
-    def cache_unfinished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> MatchResult:
+    def cache_unfinished(
+        self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode, namespace: int | None = None
+    ) -> MatchResult:
         """A request computed a prefill chunk: the slots (and node to lock) it uses from now on."""
+
+    @abstractmethod
+    def drop_namespace(self, namespace: int) -> None:
+        """Free everything cached in ``namespace`` (an unloaded adapter's; none of it locked)."""
+
+    @abstractmethod
+    def all_roots(self) -> list[TreeNode]:
+        """The root of every namespace's tree."""
 
     @abstractmethod
     def inc_lock_ref(self, node: TreeNode) -> None:

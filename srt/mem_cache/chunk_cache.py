@@ -26,23 +26,31 @@ class ChunkCache(PrefixCache):
         # The root stands for "no prefix" and never gets children; locking it is a no-op.
         self.root = TreeNode([], empty)
 
-    def match_prefix(self, token_ids: list[int]) -> MatchResult:
+    def match_prefix(self, token_ids: list[int], namespace: int | None = None) -> MatchResult:
         """Always the empty match."""
         return MatchResult(self.root.value, self.root)
 
-    def insert(self, token_ids: list[int], kv_slots: torch.Tensor) -> int:
+    def insert(self, token_ids: list[int], kv_slots: torch.Tensor, namespace: int | None = None) -> int:
         """Take nothing: returns ``len(token_ids)``, so all of ``kv_slots`` stays with the caller."""
         if len(kv_slots) != len(token_ids):
             raise ValueError(f"{len(token_ids)} tokens but {len(kv_slots)} KV slots")
         return len(token_ids)
 
-    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> None:
+    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode, namespace: int | None = None) -> None:
         """A request is done: free all its slots."""
         self.allocator.free(kv_slots)
 
-    def cache_unfinished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> MatchResult:
+    def cache_unfinished(
+        self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode, namespace: int | None = None
+    ) -> MatchResult:
         """A request computed a prefill chunk: it keeps its slots, returned as the match."""
         return MatchResult(kv_slots, self.root)
+
+    def drop_namespace(self, namespace: int) -> None:
+        pass
+
+    def all_roots(self) -> list[TreeNode]:
+        return [self.root]
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         pass

@@ -15,7 +15,11 @@ one request. The cache keeps that true if callers follow these rules:
   caller: those it got from a match are the tree's own (never free them), the rest
   are duplicates of what the tree holds and the caller must free them.
 - ``cache_finished`` / ``cache_unfinished`` apply these rules for a request, and are
-  what the scheduler calls. ``ChunkCache`` offers the same two methods, so one caller
+  what the scheduler calls.
+
+Namespaces. K/V computed under a LoRA adapter differ from the base model's for the same
+tokens, so each adapter (``namespace``, the id of its load) has a tree of its own; None
+is the base model's, ``root``. A prefix is only ever found in the tree it was put in. ``ChunkCache`` offers the same two methods, so one caller
   path frees every slot exactly once whichever cache is in use.
 """
 
@@ -42,15 +46,15 @@ class RadixCache(PrefixCache):
 
     # ---- lookup and insertion ------------------------------------------------
 
-    def match_prefix(self, token_ids: list[int]) -> MatchResult:
-        """The longest cached prefix of ``token_ids``.
+    def match_prefix(self, token_ids: list[int], namespace: int | None = None) -> MatchResult:
+        """The longest cached prefix of ``token_ids`` in ``namespace``'s tree.
 
         ``last_node`` ends exactly at the match (a node is split when the match stops
         inside it), so locking it protects exactly the matched tokens. Marks the
         matched path as recently used.
         """
         tick = next(self._clock)
-        node, matched, slots = self.root, 0, []
+        node, matched, slots = self._root(namespace), 0, []
         while matched < len(token_ids):
             child = node.children.get(token_ids[matched])
             if child is None:
@@ -63,7 +67,7 @@ class RadixCache(PrefixCache):
             node, matched = child, matched + n
         return MatchResult(self._concat(slots), node)
 
-    def insert(self, token_ids: list[int], kv_slots: torch.Tensor) -> int:
+    def insert(self, token_ids: list[int], kv_slots: torch.Tensor, namespace: int | None = None) -> int:
         """Cache ``token_ids`` whose K/V sit at ``kv_slots``; return how many leading
         tokens were already cached.
 
@@ -74,7 +78,7 @@ class RadixCache(PrefixCache):
         if len(kv_slots) != len(token_ids):
             raise ValueError(f"{len(token_ids)} tokens but {len(kv_slots)} KV slots")
         tick = next(self._clock)
-        node, present = self.root, 0
+        node, present = self._root(namespace), 0
         while present < len(token_ids):
             child = node.children.get(token_ids[present])
             if child is None:
@@ -92,20 +96,22 @@ class RadixCache(PrefixCache):
 
     # ---- per-request bookkeeping (what the scheduler calls) -------------------
 
-    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> None:
+    def cache_finished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode, namespace: int | None = None) -> None:
         """A request is done: cache its tokens, free its duplicates, drop its lock.
 
         ``token_ids`` are the tokens whose K/V were computed, at ``kv_slots``;
         ``last_node`` is the node the request locked, and ``kv_slots`` must start with
         the slots of the match that returned it. Afterwards the request owns no slots.
         """
-        present = self.insert(token_ids, kv_slots)
+        present = self.insert(token_ids, kv_slots, namespace)
         # kv_slots[:depth] were lent by the tree (last_node ends where that match
         # ended); the request's own slots from there up to `present` are duplicates.
         self.allocator.free(kv_slots[_depth(last_node) : present])
         self.dec_lock_ref(last_node)
 
-    def cache_unfinished(self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode) -> MatchResult:
+    def cache_unfinished(
+        self, token_ids: list[int], kv_slots: torch.Tensor, last_node: TreeNode, namespace: int | None = None
+    ) -> MatchResult:
         """A request computed a prefill chunk: cache what it has so far.
 
         Same arguments as ``cache_finished``. The request's duplicate slots are freed
@@ -113,9 +119,9 @@ class RadixCache(PrefixCache):
         returned ``kv_slots`` cover all of ``token_ids`` and are the ones the request
         must use from now on (they replace the ones it passed in).
         """
-        present = self.insert(token_ids, kv_slots)
+        present = self.insert(token_ids, kv_slots, namespace)
         self.allocator.free(kv_slots[_depth(last_node) : present])  # as in cache_finished
-        match = self.match_prefix(token_ids)
+        match = self.match_prefix(token_ids, namespace)
         # Lock the new node before unlocking the old one, so shared ancestors stay locked.
         self.inc_lock_ref(match.last_node)
         self.dec_lock_ref(last_node)
@@ -161,6 +167,20 @@ class RadixCache(PrefixCache):
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
         return freed
 
+    def drop_namespace(self, namespace: int) -> None:
+        """Free a namespace's whole tree (its adapter is gone; no request may hold any of it)."""
+        root = self._roots.pop(namespace, None)
+        if root is None:
+            return
+        for node in _subtree(root):
+            if node.lock_ref:
+                raise RuntimeError("drop_namespace while requests hold its prefixes")
+            self.allocator.free(node.value)
+            self._evictable -= len(node.key)
+
+    def all_roots(self) -> list[TreeNode]:
+        return list(self._roots.values())
+
     # ---- sizes and flush ---------------------------------------------------------
 
     def evictable_size(self) -> int:
@@ -191,6 +211,7 @@ class RadixCache(PrefixCache):
 
     def _clear(self) -> None:
         self.root = TreeNode([], self._concat([]))
+        self._roots: dict[int | None, TreeNode] = {None: self.root}
         self._evictable = 0
         self._protected = 0
 
@@ -208,19 +229,30 @@ class RadixCache(PrefixCache):
         head.children[child.key[0]] = child
         return head
 
+    def _root(self, namespace: int | None) -> TreeNode:
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = TreeNode([], self._concat([]))
+        return root
+
     def _nodes(self) -> list[TreeNode]:
-        """Every node but the root."""
-        nodes, stack = [], list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            nodes.append(node)
-            stack.extend(node.children.values())
-        return nodes
+        """Every node but the roots."""
+        return [node for root in self._roots.values() for node in _subtree(root)]
 
     def _concat(self, slots: list[torch.Tensor]) -> torch.Tensor:
         if not slots:
             return torch.empty(0, dtype=torch.int64, device=self.allocator.device)
         return torch.cat(slots)
+
+
+def _subtree(root: TreeNode) -> list[TreeNode]:
+    """Every node below ``root``."""
+    nodes, stack = [], list(root.children.values())
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        stack.extend(node.children.values())
+    return nodes
 
 
 def _common_prefix_len(key: list[int], token_ids: list[int], start: int) -> int:

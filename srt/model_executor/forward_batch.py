@@ -28,6 +28,8 @@ class ForwardBatch:
     kv_cache: KVCache
     # Rows of the packed sequence whose logits the forward returns; None: each request's last new token.
     logits_indices: torch.Tensor | None = None
+    # Each request's LoRA adapter (None: the base model); None when no request has one.
+    lora_adapters: list[str | None] | None = None
     attn_metadata: Any = field(default=None)  # prepared by the attention backend, shared by all layers
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -12,6 +13,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from srt.layers.attention.base import create_attention_backend
 from srt.layers.attention.interface import AttentionContext, UnsupportedAttention
 from srt.layers.cpu_weight_packing import PackableWeight, pack_linear_weights
+from srt.lora.manager import LoRAManager
 from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.memory_plan import MemoryPlan, plan_memory
@@ -55,6 +57,11 @@ class ModelRunner:
             self.task.kind,
         )
         self.is_encoder = is_encoder(self.model)
+        self.lora: LoRAManager | None = None
+        if server_args.enable_lora:
+            if self.task.is_pooling:
+                raise ValueError(f"--enable-lora serves generation models; {type(self.model).__name__} is a pooling model here")
+            self.lora = LoRAManager(self.model, server_args, self.device)  # before memory is planned: its slots take some
         if self.task.is_pooling and self.task.pooling is None:
             self.task.pooling = "cls" if self.is_encoder else "last"
         if devices.prepacks_linear_weights(self.device, self.dtype):
@@ -129,7 +136,10 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits ``[rows, vocab]`` at ``batch.logit_rows`` (by default each request's last new
         token); a pooling model's hidden states ``[rows, hidden]`` there instead, which ``score`` finishes."""
-        with self.attention.running(batch):
+        adapters = contextlib.nullcontext()
+        if self.lora is not None and batch.lora_adapters is not None:
+            adapters = self.lora.running(batch.lora_adapters, batch.extend_lens)
+        with self.attention.running(batch), adapters:
             if self.task.is_pooling:
                 return self._call(batch.input_ids, batch.positions).last_hidden_state[0, batch.logit_rows]
             out = self._call(batch.input_ids, batch.positions, logits_to_keep=batch.logit_rows)

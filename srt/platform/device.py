@@ -60,6 +60,11 @@ def experts_kernel(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "grouped_mm"
 
 
+def lora_kernel(device: torch.device) -> str:
+    """The batched LoRA of adapted layers: the Triton SGMV kernels on CUDA, a GEMM pair per adapter elsewhere."""
+    return "triton" if device.type == "cuda" else "torch"
+
+
 def in_host_memory(device: torch.device) -> bool:
     """Whether tensors on ``device`` live in host memory, where C code called through ctypes can read them."""
     return device.type == "cpu"

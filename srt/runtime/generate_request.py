@@ -41,6 +41,7 @@ class GenerateItem:
     text: str | None
     input_ids: list[int] | None
     sampling_params: dict[str, Any]
+    lora_name: str | None = None
 
 
 class GenerateReqInput(BaseModel):
@@ -58,6 +59,8 @@ class GenerateReqInput(BaseModel):
     rid: str | list[str] | None = None
     logprob_start_len: int = Field(-1, ge=-1, le=_INT32_MAX)  # with return_logprob: prompt logprobs from this position on (-1: none)
     model: str | None = None  # sglang-router adds it; the front checks it names the served model
+    # The LoRA adapter (its name) to generate with: one for all prompts or one each (None: the base model).
+    lora_path: str | list[str | None] | None = None
 
     # SGLang fields that sglang-router sends with their defaults. Hints about SGLang's own
     # logging are accepted and ignored, as they change nothing in a result.
@@ -108,8 +111,9 @@ class GenerateReqInput(BaseModel):
             rids = [self.rid or uuid.uuid4().hex]
         else:
             rids = [f"{self.rid}-{i}" if self.rid else uuid.uuid4().hex for i in range(n)]
-        if len(params) != n or len(rids) != n:
-            raise InvalidRequestError(f"sampling_params and rid must have one entry per prompt ({n})", param="sampling_params")
+        loras = self.lora_path if isinstance(self.lora_path, list) else [self.lora_path] * n
+        if len(params) != n or len(rids) != n or len(loras) != n:
+            raise InvalidRequestError(f"sampling_params, rid and lora_path must have one entry per prompt ({n})", param="sampling_params")
         if len(set(rids)) != n or not all(is_valid_unicode(rid) for rid in rids):
             raise InvalidRequestError("request ids must be distinct, valid Unicode strings", param="rid")
-        return [GenerateItem(rid, text, prompt_ids, dict(p or {})) for rid, text, prompt_ids, p in zip(rids, texts, ids, params)]
+        return [GenerateItem(*item[:3], dict(item[3] or {}), item[4]) for item in zip(rids, texts, ids, params, loras)]

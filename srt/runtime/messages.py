@@ -65,6 +65,7 @@ class TokenizedGenerateReq:
     top_logprobs_num: int = 0
     stream: bool = True  # False: the scheduler sends one output, when the request finishes
     logprob_start_len: int = -1  # >= 0: prompt logprobs from this position on (with return_logprob)
+    lora_name: str | None = None  # the LoRA adapter to generate with; None: the base model
 
 
 @dataclass
@@ -97,6 +98,19 @@ class FlushCacheReq:
 @dataclass
 class GetInternalStateReq:
     request_id: str
+
+
+@dataclass
+class LoadLoRAAdapterReq:
+    request_id: str
+    lora_name: str
+    lora_path: str
+
+
+@dataclass
+class UnloadLoRAAdapterReq:
+    request_id: str
+    lora_name: str
 
 
 # ---- scheduler rank 0 → the other ranks (inside the step's broadcast) --------------------------
@@ -134,6 +148,14 @@ class BatchEmbeddingOut:
 class FlushCacheReply:
     request_id: str
     success: bool
+
+
+@dataclass
+class LoRAAdapterReply:
+    """The end of a load or unload: ``error`` says why it was refused (None: done)."""
+
+    request_id: str
+    error: str | None = None
 
 
 @dataclass
