@@ -415,3 +415,10 @@ _POOLING_FIELDS = {
     "/v1/embeddings": {"input"}, "/encode": {"text"}, "/classify": {"input"}, "/v1/score": {"text_1", "text_2"},
     "/v1/rerank": {"query", "documents"},
 }  # fmt: skip
+
+
+def test_lora_needs_enable_lora(http):
+    response = http.post("/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
+    assert response.status_code == 400 and "without --enable-lora" in response.json()["error"]["message"]
+    response = http.post("/generate", json={"text": "hi", "lora_path": "a"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "lora_path"

@@ -78,13 +78,21 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def check_model(request: Request, model: str | None) -> None:
-    """A request that names a model must name the served one (or its path); None means the served one,
-    as SGLang is as lenient."""
+def check_model(request: Request, model: str | None) -> str | None:
+    """A request that names a model must name the served one (or its path), or one of its LoRA
+    adapters (by name, or ``base:adapter`` as vLLM users write it); None means the served one,
+    as SGLang is as lenient. Returns the adapter named, None for the base model."""
     state = request.app.state
     names = (state.model_name, state.server_args.model_path, state.tokenizer_manager.runtime.model_path)
-    if model is not None and model not in names:
-        raise APIError(404, f"the model `{model}` does not exist", param="model", code="model_not_found")
+    if model is None or model in names:
+        return None
+    adapters = state.tokenizer_manager.lora_adapters
+    base, _, adapter = model.rpartition(":")
+    if model in adapters:
+        return model
+    if base in names and adapter in adapters:
+        return adapter
+    raise APIError(404, f"the model `{model}` does not exist", param="model", code="model_not_found")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from srt.entrypoints.api_schema import ERROR_RESPONSES, install_openapi
 from srt.entrypoints.errors import APIError, JSONResponse, install_error_handlers
 from srt.entrypoints.http_limits import BodyLimits, HeaderTimeoutProtocol
+from srt.entrypoints.lora_api import router as lora_router
 from srt.entrypoints.native_api import router as native_router
 from srt.entrypoints.native_api import warm_up
 from srt.entrypoints.openai.serving import router as openai_router
@@ -62,7 +63,7 @@ def build_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     if server_args.api_key:
         app.add_middleware(_APIKeyCheck, api_key=server_args.api_key)
     app.add_middleware(BodyLimits, max_bytes=server_args.max_request_body_bytes, timeout_s=server_args.timeout_body_read)
-    for router in (native_router, openai_router, tokenization_router):
+    for router in (native_router, openai_router, tokenization_router, lora_router):
         app.include_router(router, responses=ERROR_RESPONSES)
     install_openapi(app)
     return app

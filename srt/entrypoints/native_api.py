@@ -136,7 +136,9 @@ async def metrics(request: Request) -> Response:
     ),
 )
 async def generate(body: GenerateReqInput, request: Request):
-    check_model(request, body.model)
+    lora = check_model(request, body.model)
+    if body.lora_path is None:
+        body.lora_path = lora
     tm = _tm(request)
     texts = [body.text] if isinstance(body.text, str) else body.text or []
     reqs = await off_loop_if_long(sum(map(len, texts)), tm.check, body)

@@ -34,7 +34,7 @@ router = APIRouter()
 
 @post_route(router, "/v1/chat/completions", ChatCompletionResponse, "The chat completion; with stream: true, ChatCompletionChunk events")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    model, tm = check_body(request, body)
+    model, tm, lora = check_body(request, body)
     if not body.logprobs and body.top_logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     server_args = request.app.state.server_args
@@ -48,7 +48,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     extra_params = {"json_schema": tools.json_schema} if tools.constrained else {}
     if outputs[0].keeps_special_tokens:  # the parsers read markers that decoding would leave out
         extra_params["skip_special_tokens"] = False
-    gen = Generation(tm, "chatcmpl", body, [input_ids], [max_new], top_logprobs, extra_params=extra_params)
+    gen = Generation(tm, "chatcmpl", body, [input_ids], [max_new], top_logprobs, extra_params=extra_params, lora=lora)
 
     def logprobs_of(token_ids: list[int], logprobs: list[float], tops: list[list]):
         return chat_logprobs(tm.tokenizer, token_ids, logprobs, tops) if body.logprobs else None

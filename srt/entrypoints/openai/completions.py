@@ -20,12 +20,12 @@ router = APIRouter()
 
 @post_route(router, "/v1/completions", CompletionResponse, "The completion; with stream: true, CompletionResponse chunks")
 async def create_completion(body: CompletionRequest, request: Request):
-    model, tm = check_body(request, body)
+    model, tm, lora = check_body(request, body)
     if body.echo and body.stream:
         raise APIError(400, "echo is not supported with stream: true", param="echo")
     prompts = await completion_prompts(tm, body.prompt)
     max_new = [max_new_tokens(tm, len(ids), body.max_tokens, "prompt", "max_tokens") for ids in prompts]
-    gen = Generation(tm, "cmpl", body, prompts, max_new, body.logprobs, body.echo)
+    gen = Generation(tm, "cmpl", body, prompts, max_new, body.logprobs, body.echo, lora=lora)
 
     def choice(index: int, text: str, logprobs, reason: SrtFinishReason | None) -> CompletionChoice:
         return CompletionChoice(

@@ -60,11 +60,12 @@ def post_route(router: APIRouter, path: str, body_model: type[BaseModel], descri
 # ---- checks ------------------------------------------------------------------------------------
 
 
-def check_body(request: Request, body: SamplingRequest) -> tuple[str, TokenizerManager]:
-    """Refuse what no endpoint can serve; return the model name to answer with, and the manager."""
+def check_body(request: Request, body: SamplingRequest) -> tuple[str, TokenizerManager, str | None]:
+    """Refuse what no endpoint can serve; return the model name to answer with, the manager, and
+    the LoRA adapter the body's ``model`` names (None: the base model)."""
     state = request.app.state
     tm: TokenizerManager = state.tokenizer_manager
-    check_model(request, body.model)
+    lora = check_model(request, body.model)
     tm.check_generates()
     if (name := body.unsupported()) is not None:
         raise APIError(400, f"{name} is not supported yet", param=name)
@@ -72,7 +73,7 @@ def check_body(request: Request, body: SamplingRequest) -> tuple[str, TokenizerM
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if tm.tokenizer is None:
         raise APIError(400, "this server runs with --skip-tokenizer-init, which the OpenAI API needs: use /generate with input_ids")
-    return state.model_name, tm
+    return (state.model_name if lora is None else body.model), tm, lora
 
 
 def include_usage(body: SamplingRequest) -> bool:
@@ -130,6 +131,7 @@ class Generation:
         top_logprobs: int | None,  # None: no logprobs
         echo: bool = False,  # with logprobs: the prompt's logprobs too
         extra_params: dict[str, Any] | None = None,  # sampling parameters the route adds (a tool call grammar)
+        lora: str | None = None,  # the LoRA adapter to generate with
     ) -> None:
         self.tm = tm
         self.id = f"{kind}-{uuid.uuid4().hex}"
@@ -155,6 +157,7 @@ class Generation:
             return_logprob=top_logprobs is not None,
             top_logprobs_num=top_logprobs or 0,
             logprob_start_len=0 if echo and top_logprobs is not None else -1,
+            lora_path=lora,
         )
         try:
             self.reqs: list[TokenizedGenerateReq] = tm.check(obj)

@@ -173,6 +173,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "srt"
     max_model_len: int
+    root: str | None = None  # a LoRA adapter's folder
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

@@ -26,5 +26,11 @@ _STARTED = int(time.time())  # the model card's `created`
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     state = request.app.state
-    context_length = state.tokenizer_manager.info.context_length
-    return ModelList(data=[ModelCard(id=state.model_name, created=_STARTED, max_model_len=context_length)])
+    tm = state.tokenizer_manager
+    context_length = tm.info.context_length
+    base = ModelCard(id=state.model_name, created=_STARTED, max_model_len=context_length)
+    adapters = [
+        ModelCard(id=name, created=_STARTED, max_model_len=context_length, root=path, parent=state.model_name)
+        for name, path in tm.lora_adapters.items()
+    ]
+    return ModelList(data=[base, *adapters])
