@@ -98,7 +98,10 @@ def make_requests(args: argparse.Namespace, vocab_size: int) -> list[Request]:
 # ---- runners -----------------------------------------------------------------------------------
 
 
-def run_srt(args: argparse.Namespace, model_path: str, requests: list[Request], name: str, **overrides) -> Result:
+def run_srt(
+    args: argparse.Namespace, model_path: str, requests: list[Request], name: str, lora_path: list[str | None] | None = None, **overrides
+) -> Result:
+    """``lora_path``: each request's LoRA adapter (None: the base model)."""
     import srt
 
     kwargs = {"dtype": args.dtype, "log_level": "warning", **overrides}
@@ -109,7 +112,7 @@ def run_srt(args: argparse.Namespace, model_path: str, requests: list[Request], 
         engine.generate(input_ids=[requests[0].input_ids[:8]], sampling_params=[{"max_new_tokens": 2}])  # warm-up
         engine.flush_cache()
         start = time.perf_counter()
-        outs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
+        outs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params, lora_path=lora_path)
         seconds = time.perf_counter() - start
     output_tokens = sum(len(o["output_ids"]) for o in outs)
     return Result(name, seconds, len(requests), sum(len(r.input_ids) for r in requests), output_tokens)

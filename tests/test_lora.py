@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import srt
-from srt.kernels.torch_lora import add_lora_grouped, lora_delta_reference
+from srt.kernels.torch_lora import add_lora_grouped, add_lora_stacked, lora_delta_reference
 from srt.lora.adapter import AdapterError, read_adapter
 from srt.lora.batch import LoRABatch
 from srt.runtime.generate_request import InvalidRequestError
@@ -47,8 +47,10 @@ def save_adapter(model_dir: str, directory: str, seed: int, **config) -> str:
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
+    """Short prompts, and one longer than the batches that run LoRA in its stacked form on CPU
+    (srt.lora.batch), so that the grouped form runs too."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (7, 19, 4)]
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (7, 19, 4, 300)]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,7 @@ def test_mixed_batch_matches_peft(lora_model, tp: int) -> None:
     with srt.Engine(
         model_path=lora_model["model_dir"], dtype="float32", max_total_tokens=1024, tp_size=tp,
         lora_paths=lora_paths(paths), max_prefill_tokens=24,  # prompts join over several steps, decoding with others
+        schedule_policy="lpm",  # matches prefixes in each adapter's own tree
     ) as engine:  # fmt: skip
         assert_mixed_batch_matches(engine, lora_model["expected"])
         if tp == 1:
@@ -120,7 +123,7 @@ def test_fewer_slots_than_adapters_in_flight(lora_model) -> None:
     every one still gets its own adapter's output."""
     with srt.Engine(
         model_path=lora_model["model_dir"], dtype="float32", max_total_tokens=1024,
-        lora_paths=lora_paths(lora_model["paths"]), max_loras_per_batch=1,
+        lora_paths=lora_paths(lora_model["paths"]), max_loras_per_batch=1, schedule_policy="dfs-weight",
     ) as engine:  # fmt: skip
         assert_mixed_batch_matches(engine, lora_model["expected"])
 
@@ -157,7 +160,7 @@ def test_load_and_unload_while_serving(lora_model, tmp_path) -> None:
             with pytest.raises(InvalidRequestError, match=match):
                 engine.load_lora_adapter(name, path)
         engine.load_lora_adapter("mlp", paths["mlp"])  # reuses attn's place, and its slot
-        out = engine.generate(input_ids=prompts(), sampling_params=GREEDY, lora_path=["mlp", None, "all"])
+        out = engine.generate(input_ids=prompts()[:3], sampling_params=GREEDY, lora_path=["mlp", None, "all"])
         assert [o["output_ids"] for o in out] == [expected["mlp"][1][0], expected[None][1][1], expected["all"][1][2]]
 
 
@@ -181,9 +184,9 @@ def test_adapter_folders_srt_cannot_serve_are_refused(lora_model, tmp_path) -> N
         read_adapter("missing", str(tmp_path / "nowhere"))
 
 
-def test_lora_batch_groups_tokens_by_slot() -> None:
-    """Requests of one adapter become one group however the batch interleaves them; the grouped
-    torch path computes what the per-segment reference computes."""
+def test_lora_batch_forms_compute_what_the_reference_computes() -> None:
+    """Requests of one adapter become one group however the batch interleaves them; the grouped and
+    stacked torch forms add what the per-segment reference adds (slot -1 tokens get nothing)."""
     batch = LoRABatch.of([0, 0, -1, 1, 0], [3, 1, 2, 4, 2], torch.device("cpu"))
     assert batch.seg_indptr.tolist() == [0, 4, 6, 10, 12]
     assert batch.seg_slots.tolist() == [0, -1, 1, 0]
@@ -192,8 +195,18 @@ def test_lora_batch_groups_tokens_by_slot() -> None:
     assert groups[1] == slice(6, 10)
     assert groups[0].tolist() == [0, 1, 2, 3, 10, 11]
     gen = torch.Generator().manual_seed(0)
-    x, a, b = torch.randn(12, 6, generator=gen), torch.randn(2, 3, 6, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    slots, rank = 3, 3  # slot 2 is loaded but not in the batch
+    x, a, b = torch.randn(12, 6, generator=gen), torch.randn(slots, rank, 6, generator=gen), torch.randn(slots, 5, rank, generator=gen)
+    scales = torch.tensor([0.5, 2.0, 7.0])
     y = torch.randn(12, 5, generator=gen)
-    want = y + lora_delta_reference(x, a, b, torch.tensor([0.5, 2.0]), batch.seg_indptr, batch.seg_slots)
-    add_lora_grouped(y, x, a, b, [0.5, 2.0], batch.groups)
-    torch.testing.assert_close(y, want)
+    want = y + lora_delta_reference(x, a, b, scales, batch.seg_indptr, batch.seg_slots)
+    a_stacked, b_stacked = a.reshape(slots * rank, 6), b.permute(1, 0, 2).reshape(5, slots * rank)  # torch's layout
+    grouped = y.clone()
+    add_lora_grouped(grouped, x, a_stacked, b_stacked, rank, scales.tolist(), batch.groups)
+    torch.testing.assert_close(grouped, want)
+    batch.stack(rank, scales, torch.float32)
+    assert batch.active_slots == 2 and batch.token_scales.shape == (12, 2 * rank)
+    stacked = y.clone()
+    add_lora_stacked(stacked, x, a_stacked[: 2 * rank], b_stacked[:, : 2 * rank], batch.token_scales)
+    torch.testing.assert_close(stacked, want)
+    assert torch.equal(stacked[4:6], y[4:6])

@@ -8,6 +8,10 @@ import torch
 
 from srt.kernels.torch_lora import TokenRows
 
+# Up to this many tokens a forward runs the stacked form on CPU (srt.kernels.torch_lora): its
+# extra FLOPs (every token through every active slot) cost less than a GEMM pair per adapter.
+_STACKED_MAX_TOKENS = 256
+
 
 @dataclass
 class LoRABatch:
@@ -15,8 +19,11 @@ class LoRABatch:
     seg_indptr: torch.Tensor  # [segments + 1] int32
     seg_slots: torch.Tensor  # [segments] int32
     max_seg_len: int
-    # The tokens of each slot the batch uses, for the torch path: one GEMM pair per slot.
+    # The torch forms: the tokens of each slot the batch uses (one GEMM pair each), or for a
+    # small batch each token's scale over the columns of its slot among the first ``active_slots``.
     groups: list[tuple[int, TokenRows]]
+    active_slots: int = 0
+    token_scales: torch.Tensor | None = None  # [tokens, active_slots * rank]
 
     @classmethod
     def of(cls, slots: list[int], extend_lens: list[int], device: torch.device) -> LoRABatch:
@@ -46,6 +53,19 @@ class LoRABatch:
             max_seg_len=max(lengths, default=0),
             groups=groups,
         )
+
+    def stack(self, rank: int, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        """Add the stacked form's ``token_scales`` if the batch is small enough for it (``scales``:
+        each slot's, float32)."""
+        tokens = int(self.seg_indptr[-1])
+        if tokens > _STACKED_MAX_TOKENS:
+            return
+        self.active_slots = max(slot for slot, _ in self.groups) + 1
+        lengths = (self.seg_indptr[1:] - self.seg_indptr[:-1]).long()
+        token_slot = torch.repeat_interleave(self.seg_slots.long(), lengths)  # -1: no adapter
+        column_slot = torch.arange(self.active_slots * rank, device=token_slot.device) // rank
+        scale = torch.where(token_slot >= 0, scales[token_slot.clamp(min=0)], 0.0)
+        self.token_scales = ((token_slot[:, None] == column_slot[None, :]) * scale[:, None]).to(dtype)
 
 
 class LoRAState:

@@ -33,17 +33,17 @@ logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
-    def __init__(self, model: nn.Module, args: ServerArgs, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, args: ServerArgs, device: torch.device, dtype: torch.dtype) -> None:
         self.num_slots = args.max_loras_per_batch
         self.max_loaded = args.max_loaded_loras
-        self.device = device
+        self.device, self.dtype = device, dtype
         initial = [read_adapter(name, path) for name, path in parse_lora_paths(args.lora_paths).items()]
         targets = set(args.lora_target_modules or ()) or set().union(*(a.target_suffixes for a in initial))
         self.max_rank = args.max_lora_rank or max((a.rank for a in initial), default=0)
         if not targets or not self.max_rank:
             raise ValueError("--enable-lora without --lora-paths needs --lora-target-modules and --max-lora-rank")
         self.state = LoRAState(self.num_slots, device)
-        kernel = lora_kernel(device)
+        self.kernel = kernel = lora_kernel(device)
         adaptable = {name: m for name, m in model.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
         self.layers: dict[str, LinearLoRA] = {}
         for name, layer in adaptable.items():
@@ -123,7 +123,10 @@ class LoRAManager:
                 self._swap_in(name, used)
             self.slot_of.move_to_end(name)
         slots = [-1 if name is None else self.slot_of[name] for name in adapters]
-        self.state.batch = LoRABatch.of(slots, extend_lens, self.device)
+        batch = LoRABatch.of(slots, extend_lens, self.device)
+        if self.kernel == "torch":
+            batch.stack(self.max_rank, self.state.scales_tensor, self.dtype)
+        self.state.batch = batch
 
     def _swap_in(self, name: str, used: set[str]) -> None:
         """Copy adapter ``name`` into a free slot, or the least recently used one this batch does not need."""

@@ -61,7 +61,7 @@ class ModelRunner:
         if server_args.enable_lora:
             if self.task.is_pooling:
                 raise ValueError(f"--enable-lora serves generation models; {type(self.model).__name__} is a pooling model here")
-            self.lora = LoRAManager(self.model, server_args, self.device)  # before memory is planned: its slots take some
+            self.lora = LoRAManager(self.model, server_args, self.device, self.dtype)  # before memory is planned: its slots take some
         if self.task.is_pooling and self.task.pooling is None:
             self.task.pooling = "cls" if self.is_encoder else "last"
         if devices.prepacks_linear_weights(self.device, self.dtype):
