@@ -6,8 +6,9 @@ Same meaning as ``torch_lora.lora_delta_reference`` (read its docstring): tokens
 ``scales[s] * (x @ a[s].T) @ b[s].T`` added to ``y``.
 
 As in punica / SGLang the product is split at the rank, which is small (<= 256) next to the
-hidden sizes: a *shrink* kernel computes ``h = x @ a[slot].T`` (``[T, R]``, float32) and an
-*expand* kernel adds ``scale * h @ b[slot].T`` to ``y``. Splitting keeps each program's
+hidden sizes: a *shrink* launch computes ``h = x @ a[slot].T`` (``[T, R]``, float32) and an
+*expand* launch adds ``scale * h @ b[slot].T`` to ``y``; both are the one segmented GEMM
+kernel ``out = in @ w[slot].T``, the expand accumulating. Splitting keeps each program's
 tiles small (``BLOCK_M`` rows by one block of R or N) and lets the two GEMMs tile the
 dimension they are wide in. ``h`` stays float32 so that the only rounding to a half dtype
 is the final store of ``y``, as in the reference.
@@ -26,77 +27,44 @@ import triton.language as tl
 
 
 @triton.jit
-def _segment_rows(seg_indptr_ptr, seg_slots_ptr, BLOCK_M: tl.constexpr):
-    """The slot of this program's segment, its row block and which of those rows are in it."""
+def _segment_gemm_kernel(
+    in_ptr, w_ptr, out_ptr, scales_ptr, seg_indptr_ptr, seg_slots_ptr,
+    N, K,
+    stride_im, stride_ik, stride_ws, stride_wn, stride_wk, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):  # fmt: skip
+    """``out[rows, n] = in[rows] @ w[slot, n].T`` for this program's rows of a segment and block of
+    ``n``; with ``ACCUMULATE``, ``out[rows, n] += scales[slot] * ...`` instead (the expand)."""
     g = tl.program_id(0)
     slot = tl.load(seg_slots_ptr + g).to(tl.int64)
-    start = tl.load(seg_indptr_ptr + g)
+    row0 = tl.load(seg_indptr_ptr + g) + tl.program_id(1) * BLOCK_M
     end = tl.load(seg_indptr_ptr + g + 1)
-    row0 = start + tl.program_id(1) * BLOCK_M
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    return slot, row0, end, rows, rows < end
-
-
-@triton.jit
-def _shrink_kernel(
-    x_ptr, a_ptr, h_ptr, seg_indptr_ptr, seg_slots_ptr,
-    K, R,
-    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_hm,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    slot, row0, end, rows, valid = _segment_rows(seg_indptr_ptr, seg_slots_ptr, BLOCK_M)
     if (slot < 0) | (row0 >= end):
         return
-    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid = rows < end
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        inputs = tl.load(
+            in_ptr + rows[:, None] * stride_im + offs_k[None, :] * stride_ik,
             mask=valid[:, None] & (offs_k[None, :] < K),
             other=0.0,
         )
-        a_t = tl.load(  # a[slot] is [R, K]; loaded transposed as [BLOCK_K, BLOCK_R]
-            a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K),
+        w_t = tl.load(  # w[slot] is [N, K]; loaded transposed as [BLOCK_K, BLOCK_N]
+            w_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+            mask=(offs_n[None, :] < N) & (offs_k[:, None] < K),
             other=0.0,
         )
-        acc += tl.dot(x.to(tl.float32), a_t.to(tl.float32), input_precision=DOT_PRECISION)
-    h = h_ptr + rows[:, None] * stride_hm + offs_r[None, :]
-    tl.store(h, acc, mask=valid[:, None] & (offs_r[None, :] < R))
-
-
-@triton.jit
-def _expand_kernel(
-    h_ptr, b_ptr, y_ptr, scales_ptr, seg_indptr_ptr, seg_slots_ptr,
-    N, R,
-    stride_hm, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    slot, row0, end, rows, valid = _segment_rows(seg_indptr_ptr, seg_slots_ptr, BLOCK_M)
-    if (slot < 0) | (row0 >= end):
-        return
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(
-            h_ptr + rows[:, None] * stride_hm + offs_r[None, :],
-            mask=valid[:, None] & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        b_t = tl.load(  # b[slot] is [N, R]; loaded transposed as [BLOCK_R, BLOCK_N]
-            b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-            mask=(offs_n[None, :] < N) & (offs_r[:, None] < R),
-            other=0.0,
-        )
-        acc += tl.dot(h, b_t.to(tl.float32), input_precision=DOT_PRECISION)
-    scale = tl.load(scales_ptr + slot)
-    y = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        acc += tl.dot(inputs.to(tl.float32), w_t.to(tl.float32), input_precision=DOT_PRECISION)
+    out = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = valid[:, None] & (offs_n[None, :] < N)
-    # The add is done in float32 so that y is rounded to its dtype once.
-    out = tl.load(y, mask=mask, other=0.0).to(tl.float32) + scale * acc
-    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        # The add is done in float32 so that y is rounded to its dtype once.
+        acc = tl.load(out, mask=mask, other=0.0).to(tl.float32) + tl.load(scales_ptr + slot) * acc
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def sgmv_lora(
@@ -136,17 +104,17 @@ def sgmv_lora(
     h = torch.empty(tokens, r, dtype=torch.float32, device=x.device)  # rows of slot -1 are never read
     row_blocks = triton.cdiv(max_seg_len, block_m)
     half = x.dtype != torch.float32
-    _shrink_kernel[(num_segments, row_blocks, triton.cdiv(r, block_r))](
-        x, a, h, seg_indptr, seg_slots, k, r,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), h.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+    _segment_gemm_kernel[(num_segments, row_blocks, triton.cdiv(r, block_r))](
+        x, a, h, scales, seg_indptr, seg_slots, r, k,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), h.stride(0), h.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_r, BLOCK_K=block_k,
         # fp16/bf16 values are exact in tf32, so tensor cores lose nothing; fp32 inputs get full fp32 dots.
-        DOT_PRECISION="tf32" if half else "ieee",
+        DOT_PRECISION="tf32" if half else "ieee", ACCUMULATE=False,
     )  # fmt: skip
-    _expand_kernel[(num_segments, row_blocks, triton.cdiv(n, block_n))](
+    _segment_gemm_kernel[(num_segments, row_blocks, triton.cdiv(n, block_n))](
         h, b, y, scales, seg_indptr, seg_slots, n, r,
-        h.stride(0), b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        h.stride(0), h.stride(1), b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_r,
         # h is float32 and not exact in tf32; tf32x3 keeps it near fp32 on tensor cores.
-        DOT_PRECISION="tf32x3" if half else "ieee",
+        DOT_PRECISION="tf32x3" if half else "ieee", ACCUMULATE=True,
     )  # fmt: skip

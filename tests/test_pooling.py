@@ -64,8 +64,12 @@ def _encode(path: str, inputs: list[list[int]], check_refusals: bool = False, **
     return torch.tensor([r["embedding"] for r in results]), results + again
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("case", list(DECODER_CASES) + list(ENCODER_CASES))
+# Every case at TP 1; at TP 2 one decoder (sharded by its plan) and one encoder (replicated on
+# each rank): the other cases split, or replicate, the same way.
+EMBEDDING_RUNS = [(case, 1) for case in [*DECODER_CASES, *ENCODER_CASES]] + [("llama-last", 2), ("bert-cls", 2)]
+
+
+@pytest.mark.parametrize("case,tp", EMBEDDING_RUNS)
 def test_embeddings_match_transformers(case, tp, tmp_path):
     build, pooling, options = {**DECODER_CASES, **ENCODER_CASES}[case]
     path = build(str(tmp_path / case))
@@ -93,8 +97,7 @@ def test_masked_lm_checkpoint_served_with_is_embedding(tmp_path):
     torch.testing.assert_close(got, reference_embeddings(path, inputs, "cls"), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("model_type", ["llama", "bert"])
+@pytest.mark.parametrize("model_type,tp", [("llama", 1), ("bert", 1), ("llama", 2)])  # the decoder's head at TP 2
 def test_classifier_scores_match_transformers(model_type, tp, tmp_path):
     path = build_pooling_model(model_type, str(tmp_path / model_type), head="classify", num_labels=3)
     inputs = _encoder_inputs() if model_type == "bert" else INPUTS

@@ -21,7 +21,7 @@ from srt.kernels import triton_lora
 from srt.kernels.torch_lora import lora_delta_reference
 from test_triton_attention import assert_within_one_ulp
 
-if not isinstance(triton_lora._shrink_kernel, InterpretedFunction):
+if not isinstance(triton_lora._segment_gemm_kernel, InterpretedFunction):
     importlib.reload(triton_lora)  # decorated for a GPU by an earlier import; callers read the kernels through the module
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
