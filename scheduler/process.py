@@ -15,7 +15,7 @@ from srt.model_executor.model_runner import ModelRunner
 from srt.model_loader.tokenizer import load_tokenizer
 from srt.platform.device import resolve_device
 from srt.platform.distributed import TPGroup, init_tp_group
-from srt.platform.host_memory import fix_mmap_threshold
+from srt.platform.host_memory import HeapTrimmer, fix_mmap_threshold
 from srt.runtime.child import ChildSpec
 from srt.runtime.codec import decode, encode
 from srt.runtime.ipc import Receiver, Sender
@@ -74,12 +74,14 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
     )
     report(ChildReady(info))
     logger.info("scheduler rank %d ready", tp_rank)
+    trimmer = HeapTrimmer()
     while True:
         for msg in _next_messages(scheduler, inbox, tp_group):
             reply = _dispatch(scheduler, msg)
             if reply is not None and is_leader:
                 outbox.send(reply)
         scheduler.step()
+        trimmer.after_step()
         for outputs in scheduler.take_outputs():
             if is_leader:
                 outbox.send(outputs)
