@@ -58,10 +58,12 @@ class PrefillAdmission:
                 self.chunked = req
                 return batch
         admitted = []
+        # The LoRA adapters of this step's forward (running requests decode with this prefill, or next).
+        adapters = {r.lora_name for r in running + batch if r.lora_name is not None}
         for req in order_waiting(waiting, self.args.schedule_policy, self.cache):
             if len(running) + len(batch) >= self.max_running_requests or not self.memory.has_free_row():
                 break
-            if not self._adapter_fits(req, running, batch):
+            if req.lora_name not in adapters and req.lora_name is not None and len(adapters) >= self.max_loras_per_batch:
                 continue  # it waits for a batch whose adapters leave it a slot
             match = self.cache.match_prefix(req.fill_ids[: req.reusable_prefix_len], req.lora_id)
             if self._shares_uncached_prefix(req, len(match.kv_slots), batch):
@@ -82,6 +84,8 @@ class PrefillAdmission:
                 break
             admitted.append(req)
             batch.append(req)
+            if req.lora_name is not None:
+                adapters.add(req.lora_name)
             token_budget -= take
             chunk_budget -= take
             if take < pending:
@@ -98,14 +102,6 @@ class PrefillAdmission:
             req.cached_tokens = req.kv_len
             self.prompt_tokens += len(req.input_ids)
             self.cached_tokens += req.kv_len
-
-    def _adapter_fits(self, req: Req, running: list[Req], batch: list[Req]) -> bool:
-        """Whether the step's forward (running requests decode with this prefill, or next) still has a
-        LoRA slot for ``req``'s adapter."""
-        if req.lora_name is None:
-            return True
-        adapters = {r.lora_name for r in running + batch if r.lora_name is not None}
-        return req.lora_name in adapters or len(adapters) < self.max_loras_per_batch
 
     def _shares_uncached_prefix(self, req: Req, cached: int, batch: list[Req]) -> bool:
         """Whether a request already in this prefill batch computes a long stretch of ``req``'s
