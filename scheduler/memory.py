@@ -48,6 +48,11 @@ class RequestMemory:
         req.extend_len = n
         return True
 
+    def unreserve(self, req: Req) -> None:
+        """Free the slots ``reserve`` gave the request's next tokens (a prefill it will not run)."""
+        self.allocator.free(self.req_to_token_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + req.extend_len].clone())
+        req.extend_len = 0
+
     def _alloc(self, n: int) -> torch.Tensor | None:
         short = n - self.allocator.available_size()
         if short > 0:
@@ -57,7 +62,7 @@ class RequestMemory:
     def cache_prefix(self, req: Req) -> None:
         """Share the prompt computed so far through the prefix cache right away (SGLang's cache_unfinished_req)."""
         slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len].clone()
-        match = self.cache.cache_unfinished(req.fill_ids[: req.kv_len], slots, req.prefix_node, req.lora_id)
+        match = self.cache.cache_unfinished(req.cache_key[: req.kv_len], slots, req.prefix_node, req.lora_id)
         self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(match.kv_slots)] = match.kv_slots
         req.prefix_node = match.last_node
 
@@ -66,7 +71,7 @@ class RequestMemory:
         if req.req_pool_idx is None:
             return
         slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len].clone()
-        self.cache.cache_finished(req.fill_ids[: req.kv_len], slots, req.prefix_node, req.lora_id)
+        self.cache.cache_finished(req.cache_key[: req.kv_len], slots, req.prefix_node, req.lora_id)
         self.req_to_token_pool.free(req.req_pool_idx)
         req.req_pool_idx = None
         req.prefix_node = None

@@ -21,7 +21,7 @@ _PREFIX_POLICY_MAX_QUEUE = 128
 def order_waiting(waiting: list[Req], policy: str, cache: PrefixCache) -> list[Req]:
     if policy == "fcfs" or len(waiting) > _PREFIX_POLICY_MAX_QUEUE or not cache.shares_prefixes:
         return list(waiting)
-    matches = {id(r): cache.match_prefix(r.fill_ids[:-1], r.lora_id) for r in waiting}
+    matches = {id(r): cache.match_prefix(r.cache_key[:-1], r.lora_id) for r in waiting}
     if policy == "lpm":
         return sorted(waiting, key=lambda r: -len(matches[id(r)].kv_slots))
     return _dfs_weight_order(waiting, {id(r): matches[id(r)].last_node for r in waiting}, cache.all_roots())

@@ -65,7 +65,7 @@ class PrefillAdmission:
                 break
             if req.lora_name not in adapters and req.lora_name is not None and len(adapters) >= self.max_loras_per_batch:
                 continue  # it waits for a batch whose adapters leave it a slot
-            match = self.cache.match_prefix(req.fill_ids[: req.reusable_prefix_len], req.lora_id)
+            match = self.cache.match_prefix(req.cache_key[: req.reusable_prefix_len], req.lora_id)
             if self._shares_uncached_prefix(req, len(match.kv_slots), batch):
                 continue  # next step it finds that prefix in the cache instead of computing it again
             pending = len(req.fill_ids) - len(match.kv_slots)
@@ -108,11 +108,11 @@ class PrefillAdmission:
         uncached prefix (as SGLang's in-batch prefix check: defer, don't compute twice)."""
         if not self.cache.shares_prefixes:
             return False
-        ids = req.fill_ids
+        ids = req.cache_key
         for other in batch:
             if other.lora_id != req.lora_id:
                 continue  # computed under another adapter: it will not be in req's cache
-            theirs = other.fill_ids
+            theirs = other.cache_key
             limit = min(len(ids), len(theirs))
             if limit - cached < _IN_BATCH_PREFIX_MIN_TOKENS or ids[cached] != theirs[cached]:
                 continue

@@ -71,6 +71,7 @@ def run_scheduler(spec: ChildSpec, report: Callable[[ChildReady], None]) -> None
         normalize=task.normalize,
         matryoshka=task.matryoshka,
         labels=task.labels,
+        image_refusal=runner.image_refusal,
     )
     report(ChildReady(info))
     logger.info("scheduler rank %d ready", tp_rank)

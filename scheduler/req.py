@@ -31,6 +31,15 @@ class Req:
     # adapter's load: the prefix-cache namespace its K/V belong to.
     lora_name: str | None = None
     lora_id: int | None = None
+    # Images (scheduler/images.py): the prompt's inputs and image-token positions; the prompt as
+    # the prefix cache keys it (image tokens replaced by their image's hash); the features while
+    # the prompt is computed; M-RoPE positions of the prompt and the offset of those after it.
+    multimodal: Any = None
+    image_positions: list[int] = field(default_factory=list)
+    cache_prompt_ids: list[int] | None = None
+    image_features: Any = None
+    mrope_positions: Any = None
+    mrope_delta: int = 0
 
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -78,6 +87,11 @@ class Req:
         if self.pooling == "mean":
             return 0  # every token's hidden state is pooled: none may come from the cache
         return min(limit, self.first_logit_position) if self.wants_input_logprobs else limit
+
+    @property
+    def cache_key(self) -> list[int]:
+        """``fill_ids`` as the prefix cache keys them: an image's tokens by its content, not the placeholder id."""
+        return (self.input_ids if self.cache_prompt_ids is None else self.cache_prompt_ids) + self.output_ids
 
     @property
     def fill_ids(self) -> list[int]:

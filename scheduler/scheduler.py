@@ -41,6 +41,7 @@ from srt.sampling.sampling_params import SamplingParams
 from srt.scheduler.decode import DecodeScheduler
 from srt.scheduler.embedding import DecoderPooling, refused, refused_generation
 from srt.scheduler.grammar_queue import GrammarQueue
+from srt.scheduler.images import SchedulerImages
 from srt.scheduler.memory import RequestMemory
 from srt.scheduler.output import OutputProcessor
 from srt.scheduler.prefill import PrefillAdmission
@@ -83,6 +84,7 @@ class Scheduler:
         self.grammars = GrammarQueue(backend, _GRAMMAR_CACHE_SIZE) if backend else None
         self.masks = MaskFiller(backend, pin_memory=not in_host_memory(runner.device)) if backend else None
         self.pooling = DecoderPooling(runner) if runner.task.is_pooling else None
+        self.images = SchedulerImages(runner)
         self.pooled: list[EmbeddingOutput] = []  # pooling results (and refusals) not sent yet
         self.refusals: list[BatchTokenOut] = []
         self.waiting: list[Req] = []
@@ -112,6 +114,11 @@ class Scheduler:
                 self.output.emit(req)
                 return
             req.lora_name, req.lora_id = msg.lora_name, lora.ids[msg.lora_name]
+        refusal = self.images.attach(req, msg.multimodal)
+        if refusal is not None:
+            req.finish_reason = FinishAbort(refusal, 400)
+            self.output.emit(req)
+            return
         if params.constraint is None:
             self.waiting.append(req)
         elif self.grammars is None:  # the TokenizerManager refuses these; a direct caller gets told too
@@ -229,6 +236,10 @@ class Scheduler:
             self._run(prefill, decode)
 
     def _run(self, prefill: list[Req], decode: list[Req]) -> None:
+        if self.images.vision is not None and prefill:
+            prefill = self._encode_images(prefill)
+            if not prefill and not decode:
+                return
         batch = prefill + decode
         forward_batch = self._forward_batch(batch)
         # Requests whose whole prompt (or decode token) is in the cache after this forward get a next
@@ -243,6 +254,7 @@ class Scheduler:
             req.kv_len += req.extend_len
         for req in prefill:
             self.memory.cache_prefix(req)
+        self.images.release(prefill)
         if self.pooling is not None:  # prefill only: pooled requests finish, none decodes
             done, outputs = self.pooling.collect(batch, logits, ends)
             for req in done:
@@ -265,6 +277,17 @@ class Scheduler:
             if self._decode_steps % self.args.decode_log_interval == 0:
                 self._log_decode()
 
+    def _encode_images(self, prefill: list[Req]) -> list[Req]:
+        """The prefill without the requests whose images the vision tower could not encode (they end with a 400)."""
+        for req, why in self.images.encode(prefill):
+            if self.prefill.chunked is req:
+                self.prefill.chunked = None
+            self.memory.unreserve(req)
+            req.finish_reason = FinishAbort(why, 400)
+            self.memory.release(req)
+            self.output.emit(req)
+        return [r for r in prefill if not r.finished]
+
     def _forward_batch(self, batch: list[Req]) -> ForwardBatch:
         device = self.runner.device
         table = self.runner.req_to_token_pool.req_to_token
@@ -284,6 +307,7 @@ class Scheduler:
         rows = torch.tensor([r.req_pool_idx for r in batch], dtype=torch.int64, device=device)
         position_t = torch.tensor(positions, dtype=torch.int64, device=device)
         row_per_token = torch.repeat_interleave(rows, torch.tensor([r.extend_len for r in batch], device=device))
+        image_rows, image_features, mrope_positions = self.images.forward_fields(batch) if self.images.vision else (None,) * 3
         return ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
             positions=position_t,
@@ -296,6 +320,9 @@ class Scheduler:
             kv_cache=self.runner.kv_cache,
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=device),
             lora_adapters=[r.lora_name for r in batch] if any(r.lora_name for r in batch) else None,
+            image_rows=image_rows,
+            image_features=image_features,
+            mrope_positions=mrope_positions,
         )
 
     # ---- logging -------------------------------------------------------------------------

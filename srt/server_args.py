@@ -35,6 +35,7 @@ class ServerArgs:
     reasoning_parser: Literal["deepseek-r1", "deepseek-v3", "qwen3", "qwen3-thinking", "glm45", "kimi", "gpt-oss"] | None = field(default=None, metadata={"help": "split the model's thinking into reasoning_content on /v1/chat/completions"})
     is_embedding: bool = field(default=False, metadata={"help": "serve a causal-LM checkpoint as an embedding model (its hidden states pooled); base-model and *ForSequenceClassification checkpoints are pooling models anyway"})
     pooling: Literal["last", "mean", "cls"] | None = field(default=None, metadata={"help": "how a pooling model turns hidden states into one vector; default: the sentence-transformers config (1_Pooling), else last for decoders and cls for encoders"})
+    allowed_local_media_path: str | None = field(default=None, metadata={"help": "a folder whose image files requests may name (image_url file:// URLs or paths, /generate image_data); default: none, images come as data: URIs or base64"})
     skip_tokenizer_init: bool = field(default=False, metadata={"help": "load no tokenizer anywhere: prompts are input_ids, outputs carry output_ids and no text"})
 
     # Numerics and devices

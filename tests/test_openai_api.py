@@ -422,3 +422,11 @@ def test_lora_needs_enable_lora(http):
     assert response.status_code == 400 and "without --enable-lora" in response.json()["error"]["message"]
     response = http.post("/generate", json={"text": "hi", "lora_path": "a"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "lora_path"
+
+
+def test_image_parts_are_refused_for_a_text_only_model(http):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    body = {**CHAT, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert "does not take images" in response.json()["error"]["message"]

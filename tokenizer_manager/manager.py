@@ -24,7 +24,10 @@ from srt.tokenizer_manager.metrics import Metrics
 from srt.tokenizer_manager.request_checks import RequestChecks
 from srt.lora.adapter import parse_lora_paths
 from srt.model_loader.default_model import resolve_model_path
+from srt.model_loader.config import load_config
+from srt.model_loader.loader import is_vision_language
 from srt.model_loader.tokenizer import load_tokenizer
+from srt.multimodal.processor import ImageProcessor
 from srt.runtime.generate_request import InvalidRequestError
 from srt.runtime.ipc import AsyncReceiver, AsyncSender
 from srt.runtime.messages import (
@@ -63,11 +66,12 @@ class _ReqState:
 
 
 class TokenizerManager(RequestChecks):
-    def __init__(self, runtime: Runtime, tokenizer, metrics: Metrics | None = None) -> None:
+    def __init__(self, runtime: Runtime, tokenizer, metrics: Metrics | None = None, images: ImageProcessor | None = None) -> None:
         """``tokenizer`` is None with ``--skip-tokenizer-init``: prompts must then be token ids,
-        and outputs carry no text."""
+        and outputs carry no text. ``images`` is the model's processor, for a model that takes images."""
         self.runtime = runtime
         self.tokenizer = tokenizer
+        self.images = images
         self.info = runtime.info
         self.metrics = metrics
         self.load_balance_method = runtime.server_args.load_balance_method
@@ -86,11 +90,15 @@ class TokenizerManager(RequestChecks):
     def launch(cls, server_args: ServerArgs) -> TokenizerManager:
         """Start the runtime's processes and the manager in front of them. The tokenizer is
         loaded first, so a model folder without one fails at once, with what to do."""
-        tokenizer = None
+        tokenizer = images = None
         if not server_args.skip_tokenizer_init:
             path = resolve_model_path(server_args.tokenizer_path or server_args.model_path)
             tokenizer = load_tokenizer(path, server_args.trust_remote_code)
-        return cls(Runtime(server_args), tokenizer)
+            if is_vision_language(load_config(path, server_args.trust_remote_code, server_args.revision)):
+                images = ImageProcessor.load(path, server_args.trust_remote_code)
+            if images is not None and tokenizer.chat_template is None:
+                tokenizer.chat_template = images.chat_template  # a VLM's template may live with its processor only
+        return cls(Runtime(server_args), tokenizer, images=images)
 
     async def start(self) -> None:
         """Open the sockets and start routing outputs; call once, inside the loop that will use it."""

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from srt.multimodal.images import load_image
+from srt.runtime.image_inputs import MultimodalInputs
+from srt.multimodal.processor import ImageProcessor
 from srt.runtime.embedding_request import EmbeddingItem
 from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError, ServerOverloadedError
 from srt.runtime.messages import SchedulerInfo, TokenizedEmbeddingReq, TokenizedGenerateReq
@@ -25,6 +28,7 @@ class RequestChecks:
     info: SchedulerInfo
     states: dict[str, Any]
     lora_adapters: dict[str, str]
+    images: ImageProcessor | None
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         self._check_texts(texts)
@@ -41,9 +45,23 @@ class RequestChecks:
         if any(len(text) > max_chars for text in texts):
             raise InvalidRequestError(f"the prompt is longer than this server accepts ({max_chars} characters)", "text")
 
-    def check(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
-        """Tokenize and validate every prompt of ``obj``; InvalidRequestError says what is wrong, and
-        ServerOverloadedError that too many generations are in flight already."""
+    def process_images(self, text: str, sources: list[str], add_special_tokens: bool, param: str) -> tuple[list[int], MultimodalInputs]:
+        """A prompt with image placeholders and its images (URLs or base64) through the model's
+        processor: the token ids with each placeholder expanded, and the images' inputs."""
+        refusal = self.info.image_refusal
+        if refusal is None and self.images is None:
+            refusal = "the model's folder has no image processor (preprocessor_config.json)"
+        if refusal is not None:
+            raise InvalidRequestError(f"{param}: this server does not take images: {refusal}", param=param)
+        self._check_texts([text])
+        allowed = self.runtime.server_args.allowed_local_media_path
+        images = [load_image(source, allowed, param) for source in sources]
+        return self.images.process(text, images, add_special_tokens, param)
+
+    def check(self, obj: GenerateReqInput, images: MultimodalInputs | None = None) -> list[TokenizedGenerateReq]:
+        """Tokenize and validate every prompt of ``obj`` (``images``: those of every prompt, which the
+        chat route has processed); InvalidRequestError says what is wrong, and ServerOverloadedError
+        that too many generations are in flight already."""
         self.check_generates()
         items = obj.normalize()
         self._check_count(len(items), "generations", "text")
@@ -52,11 +70,15 @@ class RequestChecks:
             message = f"top_logprobs_num is {obj.top_logprobs_num}, more than the {limits.max_logprobs} allowed"
             raise InvalidRequestError(message, param="top_logprobs_num")
         self._check_rids_free([item.rid for item in items])
-        texts = [item.text for item in items if item.text is not None]
+        texts = [item.text for item in items if item.text is not None and item.image_data is None]
         tokenized = iter(self.tokenize(texts)) if texts else iter(())
         reqs = []
         for item in items:
-            input_ids = next(tokenized) if item.text is not None else item.input_ids
+            multimodal = images
+            if item.image_data is not None:
+                input_ids, multimodal = self.process_images(item.text, item.image_data, True, "image_data")
+            else:
+                input_ids = next(tokenized) if item.text is not None else item.input_ids
             params = self._check_prompt(input_ids, item.sampling_params)
             self.check_lora(item.lora_name)
             start = obj.logprob_start_len if obj.return_logprob else -1
@@ -65,8 +87,9 @@ class RequestChecks:
                 raise InvalidRequestError(message, param="logprob_start_len")
             reqs.append(
                 TokenizedGenerateReq(
-                    item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream, start, item.lora_name
-                )
+                    item.rid, input_ids, params, obj.return_logprob, obj.top_logprobs_num, obj.stream, start, item.lora_name,
+                    multimodal,
+                )  # fmt: skip
             )
         return reqs
 

@@ -54,12 +54,15 @@ class Engine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         lora_path: str | list[str | None] | None = None,
+        image_data: str | list[str] | list[str | list[str] | None] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """One prompt gives one result dict, a list gives a list. ``stream=True`` gives an iterator of
         incremental results (new ``text`` and ``output_ids`` since the previous one; with several
         prompts each item also says its ``index``). ``lora_path`` names the LoRA adapter (one for
-        all prompts or one each, None for the base model)."""
-        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path)
+        all prompts or one each, None for the base model). ``image_data``: the images of a prompt
+        holding the model's image placeholders, as data: URIs, base64 or allowed file paths (for a
+        batch, one entry per prompt)."""
+        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path, image_data)
         if stream:
             return self._stream_sync(reqs, obj.is_single)
         results = [r.to_dict() for r in self._call(collect(self.tokenizer_manager, reqs))]
@@ -74,9 +77,10 @@ class Engine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         lora_path: str | list[str | None] | None = None,
+        image_data: str | list[str] | list[str | list[str] | None] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """``generate`` for callers in their own event loop."""
-        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path)
+        obj, reqs = self._check(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path, image_data)
         if stream:
             return self._stream_async(reqs, obj.is_single)
         future = asyncio.run_coroutine_threadsafe(collect(self.tokenizer_manager, reqs), self._loop)
@@ -129,7 +133,7 @@ class Engine:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _check(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path):
+    def _check(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, stream, lora_path, image_data):
         """The request as a GenerateReqInput, tokenized and checked before anything is sent."""
         obj = GenerateReqInput(
             text=prompt,
@@ -139,6 +143,7 @@ class Engine:
             top_logprobs_num=top_logprobs_num,
             stream=stream,
             lora_path=lora_path,
+            image_data=image_data,
         )
         return obj, self.tokenizer_manager.check(obj)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from srt.entrypoints.api_schema import GenerateResponse, ModelInfo, ReplicaLoad, json_or_event_stream, plain_text
 from srt.entrypoints.errors import APIError, check_model
-from srt.entrypoints.offload import off_loop_if_long
+from srt.entrypoints.offload import INLINE_CHARS, off_loop_if_long
 from srt.entrypoints.results import GenerateResult, collect
 from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
 from srt.runtime.embedding_request import EmbeddingItem
@@ -141,7 +141,9 @@ async def generate(body: GenerateReqInput, request: Request):
         body.lora_path = lora
     tm = _tm(request)
     texts = [body.text] if isinstance(body.text, str) else body.text or []
-    reqs = await off_loop_if_long(sum(map(len, texts)), tm.check, body)
+    # Decoding and processing images is never quick: off the loop whatever their size.
+    work = INLINE_CHARS if body.image_data is not None else sum(map(len, texts))
+    reqs = await off_loop_if_long(work, tm.check, body)
     if body.stream:
         return StreamingResponse(_sse_generate(tm, reqs, body.is_single), media_type="text/event-stream")
     results = await until_disconnected(request, collect(tm, reqs))

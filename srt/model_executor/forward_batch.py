@@ -30,6 +30,11 @@ class ForwardBatch:
     logits_indices: torch.Tensor | None = None
     # Each request's LoRA adapter (None: the base model); None when no request has one.
     lora_adapters: list[str | None] | None = None
+    # Image features ``[n, hidden]`` that replace the token embeddings of packed rows ``image_rows``.
+    image_rows: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+    # Multimodal rotary positions ``[3, T]`` (Qwen2-VL's M-RoPE); None: ``positions`` on every axis.
+    mrope_positions: torch.Tensor | None = None
     attn_metadata: Any = field(default=None)  # prepared by the attention backend, shared by all layers
 
     @property

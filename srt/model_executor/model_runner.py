@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 
@@ -18,8 +19,9 @@ from srt.mem_cache.memory_pool import KVCache, KVSlotAllocator, ReqToTokenPool
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.memory_plan import MemoryPlan, plan_memory
 from srt.model_executor.pooling import EncoderForward, decoder_head
+from srt.multimodal.encoder import VisionEncoder
 from srt.model_loader.config import ModelShape, checkpoint_dtype, load_config, model_shape
-from srt.model_loader.loader import is_encoder, load_model
+from srt.model_loader.loader import is_encoder, is_vision_language, language_model, load_model
 from srt.model_loader.model_task import ModelTask, resolve_task
 from srt.platform import device as devices
 from srt.platform.distributed import TPGroup
@@ -57,6 +59,12 @@ class ModelRunner:
             self.task.kind,
         )
         self.is_encoder = is_encoder(self.model)
+        # Images: the model's vision tower, unless its attention over image tokens is one srt does not compute.
+        self.vision: VisionEncoder | None = None
+        self.image_refusal = f"{type(self.model).__name__} takes no images"
+        if self.task.kind == "generate" and is_vision_language(self.config):
+            self.image_refusal = _image_attention_refusal(self.model)
+            self.vision = VisionEncoder(self.model, self.config, self.device, self.dtype)
         self.lora: LoRAManager | None = None
         if server_args.enable_lora:
             if self.task.is_pooling:
@@ -142,12 +150,25 @@ class ModelRunner:
         with self.attention.running(batch), adapters:
             if self.task.is_pooling:
                 return self._call(batch.input_ids, batch.positions).last_hidden_state[0, batch.logit_rows]
-            out = self._call(batch.input_ids, batch.positions, logits_to_keep=batch.logit_rows)
+            positions = batch.positions if batch.mrope_positions is None else batch.mrope_positions[:, None]
+            if batch.image_rows is None:
+                out = self._call(batch.input_ids, positions, logits_to_keep=batch.logit_rows)
+            else:
+                out = self._call(None, positions, inputs_embeds=self._embed_with_images(batch), logits_to_keep=batch.logit_rows)
         return out.logits[0].float()
 
-    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor, **kwargs: object):
+    def _call(self, input_ids: torch.Tensor | None, positions: torch.Tensor, **kwargs: object):
         """The packed batch through the model (a pooling model's transformer only: its head pools)."""
-        return self.backbone(input_ids=input_ids[None], position_ids=positions[None], use_cache=False, **kwargs)
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids[None]
+        return self.backbone(position_ids=positions[None] if positions.dim() == 1 else positions, use_cache=False, **kwargs)
+
+    def _embed_with_images(self, batch: ForwardBatch) -> torch.Tensor:
+        """The batch's token embeddings with image features at the image tokens, as the model's
+        own forward merges them (so a prompt chunk may hold part of an image)."""
+        embeds = self.model.get_input_embeddings()(batch.input_ids[None])
+        embeds[0, batch.image_rows] = batch.image_features.to(embeds.dtype)
+        return embeds
 
     @torch.inference_mode()
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -179,7 +200,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> None:
     so norms, rotary embeddings, activations and residual adds fuse around the GEMMs. The
     attention function is left to run eagerly (a graph break), and one compiled graph
     serves every layer and every batch size."""
-    layers = _repeated_layers(model)
+    layers = _repeated_layers(language_model(model))  # not a vision tower's
     if layers is None:
         logger.warning("--enable-torch-compile: no decoder layer list found in %s; running eagerly", type(model).__name__)
         return
@@ -241,6 +262,15 @@ def _refuse_inconsistent_layers(model_name: str, config: PretrainedConfig, probe
                 f"cache, but the layer's attention is given window {probe.windows[layer]}: generation past the window "
                 "would disagree with a full forward"
             )
+
+
+def _image_attention_refusal(model: torch.nn.Module) -> str | None:
+    """Why srt refuses images for this vision-language model, or None. A forward that takes the
+    processor's ``token_type_ids`` (Gemma 3, PaliGemma) lets an image's tokens attend to each
+    other both ways, which the causal paged attention does not compute."""
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__} attends bidirectionally within images (token_type_ids), which srt does not implement"
+    return None
 
 
 def _generation_config(model_path: str) -> GenerationConfig | None:

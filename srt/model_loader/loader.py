@@ -21,7 +21,15 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from srt.layers.moe.experts import EXPERTS_IMPLEMENTATION
 from srt.layers.weight_shards import read_full, shape_of
@@ -56,22 +64,29 @@ def load_model(
     refuse_quantized(config)
     if task == "generate":
         refuse_unsupported_layers(config)
-    config._attn_implementation = attn_implementation
+    vision = task == "generate" and is_vision_language(config)
+    # A vision-language model's language model attends through srt; its vision tower keeps
+    # transformers' own attention (it sees each image whole, once, and caches nothing); the TP
+    # plan names the language model's linears only, so the tower is replicated on every rank.
+    attention = _vision_language_attention(config, attn_implementation) if vision else attn_implementation
+    config._attn_implementation = attention
     config._experts_implementation = EXPERTS_IMPLEMENTATION
     # Parameters on the meta device (no memory); buffers such as rotary inv_freq are
     # computed for real by the modules' own constructors.
     not_routed = "does not route its attention through transformers' attention interface"
+    auto_class = AutoModelForImageTextToText if vision else _AUTO_CLASSES[task]
     try:
         with init_empty_weights(include_buffers=False):
-            model = _AUTO_CLASSES[task].from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except KeyError as e:
         if e.args != (attn_implementation,):
             raise
         # The model picks an attention class of its own by name while it is built (Falcon).
         raise ValueError(f"{config.model_type} {not_routed} (it has no attention for {attn_implementation!r})") from e
-    if not getattr(model, "_supports_attention_backend", False):
+    if not getattr(language_model(model), "_supports_attention_backend", False):
         raise ValueError(f"{type(model).__name__} {not_routed} (_supports_attention_backend is False), so srt cannot serve it")
-    model.config._attn_implementation = attn_implementation
+    if not vision:
+        model.config._attn_implementation = attn_implementation
     model.config._experts_implementation = EXPERTS_IMPLEMENTATION
     if task == "embed" and isinstance(getattr(model, "pooler", None), nn.Module):
         # BERT-style base models compute a pooled [CLS] output that embeddings never read (srt
@@ -93,9 +108,30 @@ def load_model(
 _AUTO_CLASSES = {"generate": AutoModelForCausalLM, "embed": AutoModel, "classify": AutoModelForSequenceClassification}
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """Whether the checkpoint is one transformers serves as image-text-to-text (LLaVA, Qwen2-VL, ...)."""
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and "vision_config" in getattr(config, "sub_configs", {})
+
+
+def _vision_language_attention(config: PretrainedConfig, attn_implementation: str) -> dict[str, str | None]:
+    """Attention per sub-config: srt's for the text config; for the others (the vision tower)
+    None, transformers' default (SDPA where the module supports it, else eager)."""
+    text = config.get_text_config()
+    return {"": None, **{key: attn_implementation if getattr(config, key) is text else None for key in config.sub_configs}}
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The transformer that generates: a vision-language model's text model, else the model itself."""
+    text = model.config.get_text_config()
+    if text is model.config:
+        return model
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is text), model)
+
+
 def is_encoder(model: nn.Module) -> bool:
-    """Whether the model attends bidirectionally (its attention modules say ``is_causal=False``)."""
-    return any(getattr(module, "is_causal", True) is False for module in model.modules())
+    """Whether the model attends bidirectionally (its attention modules say ``is_causal=False``); a
+    vision-language model's vision tower does not count."""
+    return any(getattr(module, "is_causal", True) is False for module in language_model(model).modules())
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:

@@ -42,6 +42,7 @@ class GenerateItem:
     input_ids: list[int] | None
     sampling_params: dict[str, Any]
     lora_name: str | None = None
+    image_data: list[str] | None = None  # the prompt's images (data: URIs, base64 or allowed files)
 
 
 class GenerateReqInput(BaseModel):
@@ -61,6 +62,9 @@ class GenerateReqInput(BaseModel):
     model: str | None = None  # sglang-router adds it; the front checks it names the served model
     # The LoRA adapter (its name) to generate with: one for all prompts or one each (None: the base model).
     lora_path: str | list[str | None] | None = None
+    # Images for a text prompt holding the model's image placeholders, SGLang's shape: for one
+    # prompt an image or a list of them; for a batch one entry (an image, a list or None) per prompt.
+    image_data: str | list[str] | list[str | list[str] | None] | None = None
 
     # SGLang fields that sglang-router sends with their defaults. Hints about SGLang's own
     # logging are accepted and ignored, as they change nothing in a result.
@@ -112,8 +116,21 @@ class GenerateReqInput(BaseModel):
         else:
             rids = [f"{self.rid}-{i}" if self.rid else uuid.uuid4().hex for i in range(n)]
         loras = self.lora_path if isinstance(self.lora_path, list) else [self.lora_path] * n
+        images = self._images_per_prompt(single, n)
         if len(params) != n or len(rids) != n or len(loras) != n:
             raise InvalidRequestError(f"sampling_params, rid and lora_path must have one entry per prompt ({n})", param="sampling_params")
         if len(set(rids)) != n or not all(is_valid_unicode(rid) for rid in rids):
             raise InvalidRequestError("request ids must be distinct, valid Unicode strings", param="rid")
-        return [GenerateItem(*item[:3], dict(item[3] or {}), item[4]) for item in zip(rids, texts, ids, params, loras)]
+        return [GenerateItem(*item[:3], dict(item[3] or {}), *item[4:]) for item in zip(rids, texts, ids, params, loras, images)]
+
+    def _images_per_prompt(self, single: bool, n: int) -> list[list[str] | None]:
+        data = self.image_data
+        if data is None:
+            return [None] * n
+        if self.text is None:
+            raise InvalidRequestError("image_data needs a text prompt (holding the model's image placeholders)", param="image_data")
+        if single:
+            return [[data] if isinstance(data, str) else list(data)]
+        if not isinstance(data, list) or len(data) != n:
+            raise InvalidRequestError(f"image_data of a batch must have one entry per prompt ({n})", param="image_data")
+        return [[entry] if isinstance(entry, str) else entry for entry in data]

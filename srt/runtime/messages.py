@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from srt.runtime.image_inputs import MultimodalInputs, PackedTensor  # noqa: F401 (registered with the codec)
 from srt.sampling.sampling_params import SamplingParams
 
 # ---- why a request ended (scheduler → detokenizer → TokenizerManager) ------------------------
@@ -66,6 +67,7 @@ class TokenizedGenerateReq:
     stream: bool = True  # False: the scheduler sends one output, when the request finishes
     logprob_start_len: int = -1  # >= 0: prompt logprobs from this position on (with return_logprob)
     lora_name: str | None = None  # the LoRA adapter to generate with; None: the base model
+    multimodal: MultimodalInputs | None = None  # the prompt's images, whose tokens input_ids holds
 
 
 @dataclass
@@ -263,6 +265,9 @@ class SchedulerInfo:
     normalize: bool = False
     matryoshka: bool = False
     labels: list[str] = field(default_factory=list)
+    # Why the model takes no images (a text-only model, or image attention srt does not compute);
+    # None: it takes them.
+    image_refusal: str | None = "the model takes no images"
 
 
 @dataclass

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from srt.entrypoints.errors import APIError
-from srt.entrypoints.offload import off_loop_if_long
+from srt.entrypoints.offload import INLINE_CHARS, off_loop_if_long
 from srt.entrypoints.openai.chat_output import ChoiceOutput
 from srt.entrypoints.openai.generation import Generation, check_body, event_stream, finish_reason, include_usage, matched_stop, max_new_tokens, post_route
 from srt.entrypoints.openai.logprobs import chat_logprobs
@@ -40,7 +40,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     server_args = request.app.state.server_args
     tools = _tool_use(body, tm, server_args)
     chars = sum(len(str(m.content)) for m in body.messages or ()) + len(str(body.tools or ""))
-    prompt, input_ids = await off_loop_if_long(chars, chat_prompt, tm.tokenizer, server_args.chat_template, body)
+    if any(isinstance(m.content, list) and any(p.type == "image_url" for p in m.content) for m in body.messages or ()):
+        chars = max(chars, INLINE_CHARS)  # decoding and processing images is never quick (a file path is short)
+    prompt, input_ids, images = await off_loop_if_long(chars, chat_prompt, tm, server_args.chat_template, body)
     limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = max_new_tokens(tm, len(input_ids), getattr(body, limit), "messages", limit)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -48,7 +50,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     extra_params = {"json_schema": tools.json_schema} if tools.constrained else {}
     if outputs[0].keeps_special_tokens:  # the parsers read markers that decoding would leave out
         extra_params["skip_special_tokens"] = False
-    gen = Generation(tm, "chatcmpl", body, [input_ids], [max_new], top_logprobs, extra_params=extra_params, lora=lora)
+    gen = Generation(tm, "chatcmpl", body, [input_ids], [max_new], top_logprobs, extra_params=extra_params, lora=lora, images=images)
 
     def logprobs_of(token_ids: list[int], logprobs: list[float], tops: list[list]):
         return chat_logprobs(tm.tokenizer, token_ids, logprobs, tops) if body.logprobs else None

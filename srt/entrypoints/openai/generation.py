@@ -23,9 +23,10 @@ from pydantic import BaseModel
 from srt.entrypoints.api_schema import json_or_event_stream
 from srt.entrypoints.errors import APIError, check_model
 from srt.entrypoints.openai.constraints import constraint_params
-from srt.entrypoints.openai.protocol import FinishReason, SamplingRequest, Usage
+from srt.entrypoints.openai.protocol import FinishReason, PromptTokensDetails, SamplingRequest, Usage
 from srt.entrypoints.results import GenerateResult
 from srt.entrypoints.streaming import SSE_DONE, sse, until_disconnected
+from srt.runtime.image_inputs import MultimodalInputs
 from srt.runtime.generate_request import GenerateReqInput, InvalidRequestError
 from srt.runtime.messages import FinishAbort, FinishReason as SrtFinishReason, FinishStop, ReqOutput, TokenizedGenerateReq
 from srt.tokenizer_manager.manager import RuntimeDiedError, TokenizerManager
@@ -132,11 +133,13 @@ class Generation:
         echo: bool = False,  # with logprobs: the prompt's logprobs too
         extra_params: dict[str, Any] | None = None,  # sampling parameters the route adds (a tool call grammar)
         lora: str | None = None,  # the LoRA adapter to generate with
+        images: MultimodalInputs | None = None,  # the images of the (one) prompt
     ) -> None:
         self.tm = tm
         self.id = f"{kind}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.prompts = prompts
+        self.n = body.n
         common = body.model_dump(include=_SAMPLING_FIELDS, exclude_none=True) | constraint_params(body) | (extra_params or {})
         if body.min_tokens is not None:
             common["min_new_tokens"] = body.min_tokens
@@ -160,7 +163,7 @@ class Generation:
             lora_path=lora,
         )
         try:
-            self.reqs: list[TokenizedGenerateReq] = tm.check(obj)
+            self.reqs: list[TokenizedGenerateReq] = tm.check(obj, images)
         except InvalidRequestError as e:  # its param names a native field (input_ids, ...), not OpenAI's
             raise APIError(400, str(e), code=e.code) from e
 
@@ -169,7 +172,9 @@ class Generation:
         prompt_tokens = sum(map(len, self.prompts))
         completion_tokens = sum(r.completion_tokens for r in results)
         total_tokens = prompt_tokens + completion_tokens
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total_tokens)
+        # Each prompt's first choice is admitted first: the others may hit the cache it filled.
+        cached = PromptTokensDetails(cached_tokens=sum(r.cached_tokens for r in results[:: self.n]))
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total_tokens, prompt_tokens_details=cached)
 
 
 async def event_stream(

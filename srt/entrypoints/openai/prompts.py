@@ -13,6 +13,7 @@ import jinja2
 from srt.entrypoints.errors import APIError
 from srt.entrypoints.offload import off_loop_if_long
 from srt.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from srt.runtime.image_inputs import MultimodalInputs
 from srt.runtime.generate_request import InvalidRequestError
 from srt.sampling.sampling_params import is_valid_unicode
 from srt.tokenizer_manager.manager import TokenizerManager
@@ -38,8 +39,10 @@ async def completion_prompts(tm: TokenizerManager, prompt: str | list[str] | lis
     return prompt
 
 
-def chat_prompt(tokenizer, chat_template_arg: str | None, body: ChatCompletionRequest) -> tuple[str, list[int]]:
-    """The messages (and tools) rendered with the chat template: the text, and its token ids."""
+def chat_prompt(tm: TokenizerManager, chat_template_arg: str | None, body: ChatCompletionRequest) -> tuple[str, list[int], MultimodalInputs | None]:
+    """The messages (and tools) rendered with the chat template: the text, its token ids (each
+    image's placeholder expanded by the model's processor) and the images' inputs."""
+    tokenizer = tm.tokenizer
     if not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")
     if chat_template_arg is None and tokenizer.chat_template is None:
@@ -49,7 +52,8 @@ def chat_prompt(tokenizer, chat_template_arg: str | None, body: ChatCompletionRe
             "--chat-template (a Jinja file or template string)",
             param="messages",
         )
-    messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+    images: list[str] = []  # the image parts' URLs, in the order the template renders them
+    messages = [_template_message(i, m, images) for i, m in enumerate(body.messages)]
     # As vLLM: the template sees the tools even with tool_choice none (the model knows of them, calls none).
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     try:
@@ -66,7 +70,12 @@ def chat_prompt(tokenizer, chat_template_arg: str | None, body: ChatCompletionRe
     if not is_valid_unicode(text):
         raise APIError(400, "the messages are not valid Unicode (they hold a lone surrogate)", param="messages")
     # The template already wrote the special tokens it wants (a BOS among them): add none.
-    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    if images:
+        try:
+            return text, *tm.process_images(text, images, add_special_tokens=False, param="messages")
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="messages") from e
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"], None
 
 
 def chat_template_text(tokenizer, chat_template_arg: str | None) -> str:
@@ -88,17 +97,25 @@ def _read_chat_template(arg: str) -> str:
     return arg
 
 
-def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
-    """The message as chat templates expect it: content as one string."""
+def _template_message(index: int, message: ChatMessage, images: list[str]) -> dict[str, Any]:
+    """The message as chat templates expect it: content as one string, or with images as the
+    list of parts multimodal templates read (``{"type": "image"}`` where each image goes)."""
     content = message.content
     if isinstance(content, list):
         for part in content:
-            if part.type != "text":
-                error = f"messages[{index}]: content parts of type {part.type!r} are not supported yet"
+            if part.type == "image_url":
+                if part.image_url is None:
+                    raise APIError(400, f"messages[{index}]: an image_url part has no image_url", param="messages")
+            elif part.type != "text":
+                error = f"messages[{index}]: content parts of type {part.type!r} are not supported (text and image_url are)"
                 raise APIError(400, error, param="messages")
-            if part.text is None:
+            elif part.text is None:
                 raise APIError(400, f"messages[{index}]: a text part has no text", param="messages")
-        content = "\n".join(part.text for part in content)
+        if any(part.type == "image_url" for part in content):
+            images.extend(part.image_url.url for part in content if part.type == "image_url")
+            content = [{"type": "image"} if part.type == "image_url" else {"type": "text", "text": part.text} for part in content]
+        else:
+            content = "\n".join(part.text for part in content)
     elif content is None and not (message.role == "assistant" and message.tool_calls):
         raise APIError(400, f"messages[{index}] has no content", param="messages")
     rendered = {**message.model_dump(exclude_none=True), "content": content}

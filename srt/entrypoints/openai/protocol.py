@@ -91,11 +91,18 @@ class CompletionRequest(SamplingRequest):
     UNSUPPORTED = ("suffix",)
 
 
+class ImageURL(BaseModel):
+    url: str  # a data: URI (base64), or a file under --allowed-local-media-path
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides the resolution
+
+
 class ContentPart(BaseModel):
-    """One part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+    """One part of a message's content: ``{"type": "text", "text": ...}`` or, for a model that
+    takes images, ``{"type": "image_url", "image_url": {"url": ...}}``."""
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCall(BaseModel):
@@ -182,10 +189,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -47,7 +47,7 @@ async def _classify(body: ClassifyRequest, request: Request) -> ClassifyResponse
         if request.app.state.tokenizer_manager.tokenizer is None:
             raise InvalidRequestError("messages need the tokenizer (this server runs with --skip-tokenizer-init)", "messages")
         chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=False)
-        _, ids = chat_prompt(request.app.state.tokenizer_manager.tokenizer, request.app.state.server_args.chat_template, chat)
+        _, ids, _ = chat_prompt(request.app.state.tokenizer_manager, request.app.state.server_args.chat_template, chat)
         items = [EmbeddingItem(input_ids=ids)]
     else:
         items = items_of(body.input)
