@@ -20,6 +20,7 @@ import pydantic
 import pytest
 
 import srt
+from srt.runtime.generate_request import InvalidRequestError
 
 from json_schemas import schemas
 from server_process import running_server
@@ -242,10 +243,9 @@ def test_llguidance_backend_without_free_whitespace(model_dir):
 
 
 def test_grammar_backend_none_refuses_constraints(model_dir):
-    with _serve(model_dir, "--grammar-backend", "none") as (url, _):
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="grammar-backend none"):
-            _chat(c, response_format={"type": "json_object"})
+    with srt.Engine(model_path=model_dir, max_total_tokens=512, grammar_backend="none") as engine:
+        with pytest.raises(InvalidRequestError, match="grammar-backend none"):
+            engine.generate("hi", {"max_new_tokens": 4, "json_schema": json.dumps({"type": "object"})})
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo TP on Linux only")

@@ -61,6 +61,8 @@ def test_greedy_matches_transformers(vlm_dirs, family: str, tp: int) -> None:
             assert out["meta_info"]["prompt_tokens"] == len(prompt_ids)
         if tp == 1:
             assert_cache_keys_images(engine, directory, prompts[0], expected[0][0])
+        if tp == 1 and family == "llava":
+            assert_bad_images_are_refused(engine, directory)
 
 
 def assert_cache_keys_images(engine: srt.Engine, directory: str, case: tuple[str, list], prompt_ids: list[int]) -> None:
@@ -88,20 +90,16 @@ def test_retracted_requests_encode_their_images_again(vlm_dirs) -> None:
     assert [out["output_ids"] for out in outs] == expected
 
 
-def test_image_requests_are_checked(vlm_dirs, tmp_path) -> None:
-    directory = vlm_dirs["llava"]
+def assert_bad_images_are_refused(engine: srt.Engine, directory: str) -> None:
     text = chat_text(directory, 1, "what is this?")
-    with srt.Engine(model_path=directory, dtype="float32", max_total_tokens=512) as engine:
-        with pytest.raises(InvalidRequestError, match="1 image placeholder"):
-            engine.generate(text, GREEDY, image_data=[image_uri(random_image(0))] * 2)
-        with pytest.raises(InvalidRequestError, match="cannot be decoded"):
-            engine.generate(text, GREEDY, image_data="data:image/png;base64," + base64.b64encode(b"not a png").decode())
-        with pytest.raises(InvalidRequestError, match="does not fetch images"):
-            engine.generate(text, GREEDY, image_data="https://example.com/cat.png")
-        with pytest.raises(InvalidRequestError, match="needs a text prompt"):
-            engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY, image_data=image_uri(random_image(0)))
-        # A prompt without images still runs on the VLM.
-        assert len(engine.generate(chat_text(directory, 0, "hi"), GREEDY)["output_ids"]) == MAX_NEW
+    with pytest.raises(InvalidRequestError, match="1 image placeholder"):
+        engine.generate(text, GREEDY, image_data=[image_uri(random_image(0))] * 2)
+    with pytest.raises(InvalidRequestError, match="cannot be decoded"):
+        engine.generate(text, GREEDY, image_data="data:image/png;base64," + base64.b64encode(b"not a png").decode())
+    with pytest.raises(InvalidRequestError, match="does not fetch images"):
+        engine.generate(text, GREEDY, image_data="https://example.com/cat.png")
+    with pytest.raises(InvalidRequestError, match="needs a text prompt"):
+        engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY, image_data=image_uri(random_image(0)))
 
 
 def test_local_image_files_only_under_the_allowed_folder(tmp_path) -> None:

@@ -65,6 +65,15 @@ class _ReqState:
     finished: bool = False
 
 
+def _is_vision_language(path: str, server_args: ServerArgs) -> bool:
+    """Whether the model at ``path`` takes images. A config that cannot be read here (remote code
+    not trusted, a tokenizer-only folder) is the schedulers' to report, with the whole reason."""
+    try:
+        return is_vision_language(load_config(path, server_args.trust_remote_code, server_args.revision))
+    except (OSError, ValueError):
+        return False
+
+
 class TokenizerManager(RequestChecks):
     def __init__(self, runtime: Runtime, tokenizer, metrics: Metrics | None = None, images: ImageProcessor | None = None) -> None:
         """``tokenizer`` is None with ``--skip-tokenizer-init``: prompts must then be token ids,
@@ -94,7 +103,7 @@ class TokenizerManager(RequestChecks):
         if not server_args.skip_tokenizer_init:
             path = resolve_model_path(server_args.tokenizer_path or server_args.model_path)
             tokenizer = load_tokenizer(path, server_args.trust_remote_code)
-            if is_vision_language(load_config(path, server_args.trust_remote_code, server_args.revision)):
+            if _is_vision_language(path, server_args):
                 images = ImageProcessor.load(path, server_args.trust_remote_code)
             if images is not None and tokenizer.chat_template is None:
                 tokenizer.chat_template = images.chat_template  # a VLM's template may live with its processor only

@@ -39,9 +39,10 @@ class ImageProcessor:
             except ImportError as e:  # a video processor needs torchvision; srt reads no videos
                 processor = _images_only(path, trust_remote_code, e)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            logger.debug("no multimodal processor at %s: %s", path, e)
+            logger.warning("the model's processor at %s cannot be loaded (%s): images will be refused", path, e)
             return None
         if getattr(processor, "image_processor", None) is None or getattr(processor, "image_token", None) is None:
+            logger.warning("%s at %s has no image processor or image token: images will be refused", type(processor).__name__, path)
             return None
         return cls(processor)
 
@@ -89,5 +90,5 @@ def _images_only(path: str, trust_remote_code: bool, error: ImportError) -> Any:
         raise error
     attributes = [a for a in cls.get_attributes() if a != "video_processor"]
     images_only = type(f"{cls.__name__}ImagesOnly", (cls,), {"get_attributes": classmethod(lambda _: attributes)})
-    logger.warning("%s loaded without its video processor (%s): images only", name, str(error).strip().splitlines()[0])
+    logger.warning("%s loaded without its video processor, which cannot be built here (%s): images only", name, str(error).strip().split(". ")[0])
     return images_only.from_pretrained(path, trust_remote_code=trust_remote_code)
