@@ -19,9 +19,9 @@ from server_process import running_server
 logger = logging.getLogger(__name__)
 
 CLIENTS = 8
-WARMUP = 48
-MEASURED = 200
-MAX_GROWTH = 0.03  # of the RSS after warm-up (before the fix, the scheduler grew ~7% over this run)
+WARMUP = 32
+MEASURED = 128
+MAX_GROWTH = 0.03  # of the RSS after warm-up (before the fix, the scheduler grew ~7% over 200 requests)
 
 
 def _process_rss(server: psutil.Process) -> dict[str, int]:
