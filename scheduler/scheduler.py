@@ -22,6 +22,7 @@ from srt.mem_cache.chunk_cache import ChunkCache
 from srt.mem_cache.radix_cache import RadixCache
 from srt.model_executor.forward_batch import ForwardBatch
 from srt.model_executor.model_runner import ModelRunner
+from srt.platform.cpu_threads import ThreadTuner
 from srt.platform.device import default_chunked_prefill_size, in_host_memory
 from srt.runtime.messages import (
     BatchEmbeddingOut,
@@ -85,6 +86,8 @@ class Scheduler:
         self.masks = MaskFiller(backend, pin_memory=not in_host_memory(runner.device)) if backend else None
         self.pooling = DecoderPooling(runner) if runner.task.is_pooling else None
         self.images = SchedulerImages(runner)
+        tuned = in_host_memory(runner.device) and not server_args.disable_cpu_thread_tuning and torch.get_num_threads() > 1
+        self.thread_tuner = ThreadTuner(torch.get_num_threads()) if tuned else None
         self.pooled: list[EmbeddingOutput] = []  # pooling results (and refusals) not sent yet
         self.refusals: list[BatchTokenOut] = []
         self.waiting: list[Req] = []
@@ -233,7 +236,10 @@ class Scheduler:
         if self.running and (not prefill or self.args.enable_mixed_chunk):
             decode = self.decode.schedule(self.running, self.waiting)
         if prefill or decode:
+            started = time.perf_counter()
             self._run(prefill, decode)
+            if self.thread_tuner is not None and decode and not prefill:
+                self.thread_tuner.observe_decode(time.perf_counter() - started, len(decode))
 
     def _run(self, prefill: list[Req], decode: list[Req]) -> None:
         if self.images.vision is not None and prefill:

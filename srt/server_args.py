@@ -45,6 +45,7 @@ class ServerArgs:
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     enable_torch_compile: bool = field(default=False, metadata={"help": "compile each decoder layer with torch.compile (attention stays eager)"})
     random_seed: int | None = None
+    disable_cpu_thread_tuning: bool = field(default=False, metadata={"help": "keep CPU forwards at cores / ranks threads; by default a few decode steps now and then run with one thread more or fewer, and the faster count is kept (another process busy on a core slows a full OpenMP team 3-4x)"})
 
     # Memory and scheduling
     mem_fraction_static: float | None = field(default=None, metadata={"help": "fraction of device memory for weights + KV cache (default 0.88 on CUDA, on CPU the KV cache gets 0.25 of available RAM, shared by the ranks on the host)"})
