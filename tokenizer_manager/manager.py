@@ -24,8 +24,6 @@ from srt.tokenizer_manager.metrics import Metrics
 from srt.tokenizer_manager.request_checks import RequestChecks
 from srt.lora.adapter import parse_lora_paths
 from srt.model_loader.default_model import resolve_model_path
-from srt.model_loader.config import load_config
-from srt.model_loader.loader import is_vision_language
 from srt.model_loader.tokenizer import load_tokenizer
 from srt.multimodal.processor import ImageProcessor
 from srt.runtime.generate_request import InvalidRequestError
@@ -65,15 +63,6 @@ class _ReqState:
     finished: bool = False
 
 
-def _is_vision_language(path: str, server_args: ServerArgs) -> bool:
-    """Whether the model at ``path`` takes images. A config that cannot be read here (remote code
-    not trusted, a tokenizer-only folder) is the schedulers' to report, with the whole reason."""
-    try:
-        return is_vision_language(load_config(path, server_args.trust_remote_code, server_args.revision))
-    except (OSError, ValueError):
-        return False
-
-
 class TokenizerManager(RequestChecks):
     def __init__(self, runtime: Runtime, tokenizer, metrics: Metrics | None = None, images: ImageProcessor | None = None) -> None:
         """``tokenizer`` is None with ``--skip-tokenizer-init``: prompts must then be token ids,
@@ -103,11 +92,16 @@ class TokenizerManager(RequestChecks):
         if not server_args.skip_tokenizer_init:
             path = resolve_model_path(server_args.tokenizer_path or server_args.model_path)
             tokenizer = load_tokenizer(path, server_args.trust_remote_code)
-            if _is_vision_language(path, server_args):
+        runtime = Runtime(server_args)
+        if tokenizer is not None and runtime.info.image_refusal is None:  # the schedulers' model takes images
+            try:
                 images = ImageProcessor.load(path, server_args.trust_remote_code)
+            except BaseException:
+                runtime.shutdown()
+                raise
             if images is not None and tokenizer.chat_template is None:
                 tokenizer.chat_template = images.chat_template  # a VLM's template may live with its processor only
-        return cls(Runtime(server_args), tokenizer, images=images)
+        return cls(runtime, tokenizer, images=images)
 
     async def start(self) -> None:
         """Open the sockets and start routing outputs; call once, inside the loop that will use it."""
